@@ -1,0 +1,60 @@
+"""What a model backend supplies to the shared generation loop (`sparsevar.generate`).
+
+A backend owns the model; the loop owns stage order, token selection and statistics. Rows of every forward
+are the images' conditional rows first, then (with guidance) their unconditional rows: R = branches * B.
+Per-generation tensors (text, key/value caches, the running residual sum) live in a backend-defined state
+object, so one backend instance serves any number of generations.
+"""
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    depth: int
+
+    def schedule(self, h_div_w: float) -> list[tuple[int, int]]:
+        """Token-map sizes (h, w) of every stage, coarse to fine."""
+
+    def begin(self, prompts: list[str], negative_prompts: list[str | None], h_div_w: float) -> Any:
+        """Encode the text and return a fresh state (empty caches, zero residual sum)."""
+
+    def branches(self, state: Any) -> int:
+        """Rows per image in a forward: 2 with classifier-free guidance, else 1."""
+
+    def stage_input(self, state: Any, stage: int) -> torch.Tensor:
+        """Input tokens of a stage (from 1) over its full grid, (R, h*w, C), before any embedding."""
+
+    def forward(
+        self,
+        state: Any,
+        x_RnC: torch.Tensor,
+        stage: int,
+        positions_Rn: torch.Tensor | None,
+        valid_Rn: torch.Tensor | None,
+        capture_block: int | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Run blocks 1..N and the head on the given tokens of a stage.
+
+        positions_Rn: flat grid positions of x's tokens (None: the whole grid in order); valid_Rn: False on
+        padding rows, which must add nothing the cache lets later stages see. Only these tokens enter the
+        key/value cache. Returns per-token predictions (R, n, V) and, when capture_block (from 1) is given,
+        the hidden states entering and leaving that block.
+        """
+
+    def sample(
+        self, state: Any, pred_RnV: torch.Tensor, stage: int, generators: list[torch.Generator],
+        positions_Bn: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Guide and sample predictions into residual tokens (B, n, C). Random draws are made per image over
+        its full grid and taken at `positions_Bn`, so a token gets the same draw whatever else is kept."""
+
+    def accumulate(self, state: Any, tokens_BLC: torch.Tensor, stage: int) -> None:
+        """Add a stage's full map of residual tokens to the running sum."""
+
+    def decode(self, state: Any) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 RGB from the running sum."""

@@ -1,0 +1,106 @@
+"""The tiny backend's transformer: Infinity's block structure at toy size.
+
+AdaLN self-attention with 2-D RoPE over block-causal stages (through a KV cache), cross-attention to the
+text, an AdaLN MLP, and a bitwise head. Every module sees only the tokens the loop lets run.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsevar.attention import KVCache, apply_rope, attend
+
+
+@dataclass
+class TextContext:
+    """Per-generation text tensors: cross-attention keys/values of each block and the padding mask."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask_R11T: torch.Tensor | None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn) -> torch.Tensor:
+        R, n, C = x_RnC.shape
+        q, k, v = self.qkv(x_RnC).view(R, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        keys, values, mask = cache.extend(apply_rope(k, rope_2Rnd), v, valid_Rn)
+        out = attend(apply_rope(q, rope_2Rnd), keys, values, mask)
+        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, text_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(text_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def text_kv(self, text_RTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R, T, _ = text_RTC.shape
+        k, v = self.kv(text_RTC).view(R, T, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x_RnC, kv, mask_R11T) -> torch.Tensor:
+        R, n, C = x_RnC.shape
+        q = self.q(x_RnC).view(R, n, self.heads, -1).transpose(1, 2)
+        out = attend(q, kv[0], kv[1], mask_R11T)
+        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, text_dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.ada = nn.Linear(dim, 6 * dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = SelfAttention(dim, heads)
+        self.norm_ca = nn.LayerNorm(dim)
+        self.cross = CrossAttention(dim, text_dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x_RnC, cond_R1C, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond_R1C)).chunk(6, dim=-1)
+        x_RnC = x_RnC + gate1 * self.attn(self.norm1(x_RnC) * (1 + scale1) + shift1, rope_2Rnd, cache, valid_Rn)
+        x_RnC = x_RnC + self.cross(self.norm_ca(x_RnC), text_kv, text_mask)
+        return x_RnC + gate2 * self.mlp(self.norm2(x_RnC) * (1 + scale2) + shift2)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, bits: int, text_dim: int,
+                 stages: int) -> None:
+        super().__init__()
+        self.text_pool = nn.Linear(text_dim, dim)
+        self.pos_start = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.word_embed = nn.Linear(bits, dim)
+        self.lvl_embed = nn.Embedding(stages, dim)
+        self.blocks = nn.ModuleList(Block(dim, text_dim, heads, mlp_ratio) for _ in range(depth))
+        self.head_ada = nn.Linear(dim, 2 * dim)
+        self.head_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.head = nn.Linear(dim, 2 * bits)
+
+    def condition(self, text_RTC: torch.Tensor, mask_RT: torch.Tensor) -> torch.Tensor:
+        """Pooled text: the AdaLN condition and, plus pos_start, the first stage's token. (R, 1, C)."""
+        weights_RT1 = mask_RT.unsqueeze(-1).to(text_RTC.dtype)
+        pooled_RC = (text_RTC * weights_RT1).sum(1) / weights_RT1.sum(1)
+        return self.text_pool(pooled_RC).unsqueeze(1)
+
+    def forward(self, x_RnC, stage, cond_R1C, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block):
+        x_RnC = (x_RnC if stage == 1 else self.word_embed(x_RnC)) + self.lvl_embed.weight[stage - 1]
+        block_io = None
+        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
+            x_in = x_RnC
+            x_RnC = block(x_RnC, cond_R1C, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
+            if i == capture_block:
+                block_io = (x_in, x_RnC)
+        shift, scale = self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1)
+        return self.head(self.head_norm(x_RnC) * (1 + scale) + shift), block_io

@@ -1,0 +1,35 @@
+"""Configuration of the algorithm and of sampling: the `sparsevar` and `sampling` config sections.
+
+Validated with pydantic so that an unknown key or a bad value is rejected, by name, before any work starts.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparseVARConfig(StrictModel):
+    """SparseVAR parameters, named and counted as in `shared/spec/sparsevar.md`."""
+
+    enabled: bool = True
+    tau: float = Field(0.6, ge=0.0, description="exclusion threshold on the normalised score")
+    start_stage: int = Field(10, ge=1, description="first stage that may exclude tokens, from 1 (P)")
+    score_block: int = Field(16, ge=1, description="block whose input and output are compared, from 1 (s)")
+    anchor_grid: int = Field(4, ge=0, description="one anchor per α×α cell; 0 disables anchors (α)")
+    normalize: Literal["minmax", "quantile"] = "minmax"
+    fill: Literal["logits", "code"] = "logits"
+
+
+class SamplingConfig(StrictModel):
+    """Per-token sampling with classifier-free guidance, shared by the backends."""
+
+    cfg: float = Field(3.0, ge=0.0, description="guidance scale; 1 with no negative prompt disables the uncond pass")
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0, description="0 keeps every value")
+    top_p: float = Field(0.97, gt=0.0, le=1.0)

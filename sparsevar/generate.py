@@ -1,0 +1,128 @@
+"""The one generation loop of every backend, with SparseVAR token selection and per-stage statistics.
+
+Read top to bottom it is the whole algorithm of `shared/spec/sparsevar.md`: each stage scores the previous
+stage's block-s change, keeps high-frequency tokens and anchors, runs only those, and fills the rest.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsevar.backend import Backend
+from sparsevar.config import SparseVARConfig
+from sparsevar.sparse import (
+    anchor_layout,
+    block_scores,
+    fill_scores,
+    fill_tokens,
+    gather_tokens,
+    interpolate_scores,
+    normalize_scores,
+    plan_stage,
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image to generate."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+    h_div_w: float = 1.0
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What the spec asks every generation to record for each stage (from 1); latency is the batch's."""
+
+    stage: int
+    height: int
+    width: int
+    tokens: int
+    kept: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    pixels_HWC: np.ndarray
+    stages: list[StageStats]
+    latency_ms: float  # wall time of the batch that made the image
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_sparse_stage(sv: SparseVARConfig) -> int | None:
+    """The first stage (from 1) that may exclude tokens, or None when SparseVAR is off."""
+    return max(sv.start_stage, 2) if sv.enabled else None
+
+
+@torch.inference_mode()
+def generate(backend: Backend, requests: list[Request], sv: SparseVARConfig) -> list[ImageResult]:
+    """Generate one image per request in a single batch (all requests share one aspect ratio)."""
+    if len({r.h_div_w for r in requests}) != 1:
+        raise ValueError("a batch must share one h_div_w; group requests by aspect ratio first")
+    if sv.enabled and not 1 <= sv.score_block <= backend.depth:
+        raise ValueError(f"sparsevar.score_block={sv.score_block} is outside 1..{backend.depth} for {backend.name}")
+    B, device = len(requests), backend.device
+    schedule = backend.schedule(requests[0].h_div_w)
+    first_sparse = first_sparse_stage(sv)
+    generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
+
+    _synchronize(device)
+    t_batch = time.perf_counter()
+    state = backend.begin([r.prompt for r in requests], [r.negative_prompt for r in requests], requests[0].h_div_w)
+    branches = backend.branches(state)
+    score_Bhw: torch.Tensor | None = None
+    stats: list[list[StageStats]] = [[] for _ in requests]
+    for stage, (h, w) in enumerate(schedule, start=1):
+        t_stage = time.perf_counter()
+        x_RLC = backend.stage_input(state, stage)
+        plan = None
+        if first_sparse is not None and stage >= first_sparse:
+            s_BL = interpolate_scores(score_Bhw, (h, w)).reshape(B, h * w)
+            anchor_of_L = anchor_layout(h, w, sv.anchor_grid, device)[0] if sv.anchor_grid else None
+            plan = plan_stage(s_BL, sv.tau, anchor_of_L)
+            if bool(plan.keep_BL.all()):
+                plan = None  # every token runs: take the dense path, which is the same computation
+        wants_score = first_sparse is not None and first_sparse <= stage + 1 <= len(schedule)
+        capture = sv.score_block if wants_score else None
+
+        if plan is None:
+            pred_RLV, block_io = backend.forward(state, x_RLC, stage, None, None, capture)
+            tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
+        else:
+            idx_Rn = plan.kept_idx_Bn.repeat(branches, 1)
+            valid_Rn = None if plan.valid_Bn is None else plan.valid_Bn.repeat(branches, 1)
+            pred_RnV, block_io = backend.forward(
+                state, gather_tokens(x_RLC, idx_Rn), stage, idx_Rn, valid_Rn, capture
+            )
+            if sv.fill == "logits" and sv.anchor_grid:
+                pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1))
+                tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
+            else:
+                tokens_BnC = backend.sample(state, pred_RnV, stage, generators, plan.kept_idx_Bn)
+                tokens_BLC = fill_tokens(tokens_BnC, plan.src_idx_BL)
+        backend.accumulate(state, tokens_BLC, stage)
+
+        if block_io is not None:  # the conditional rows score the next stage; uncond rows share the mask
+            d_Bn = block_scores(block_io[0][:B], block_io[1][:B])
+            d_BL = d_Bn if plan is None else fill_scores(d_Bn, plan.src_idx_BL)
+            score_Bhw = normalize_scores(d_BL, sv.normalize).reshape(B, h, w)
+
+        _synchronize(device)
+        latency_ms = (time.perf_counter() - t_stage) * 1e3
+        kept_B = [h * w] * B if plan is None else plan.counts_B.tolist()
+        for i in range(B):
+            stats[i].append(StageStats(stage, h, w, h * w, int(kept_B[i]), latency_ms))
+
+    pixels_BHWC = backend.decode(state)
+    _synchronize(device)
+    batch_ms = (time.perf_counter() - t_batch) * 1e3
+    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms) for i in range(B)]
