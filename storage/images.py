@@ -1,0 +1,114 @@
+"""Encode generated pixels as image files and store them under the output root."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import uuid
+from contextlib import suppress
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pyarrow import fs
+
+from storage.uris import join, resolve
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_NAME_LENGTH = 100
+
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_LEADING_DOTS = re.compile(r"^\.+")
+
+
+def safe_name(prompt_id: str) -> str:
+    """Make a user-supplied id usable as a file and object name without letting it escape the folder.
+
+    Changed ids get a hash of the original appended, so ids that clean up alike (``a/b`` and ``a_b``)
+    still land in different files.
+    """
+    cleaned = _UNSAFE_CHARS.sub("_", prompt_id)
+    cleaned = _LEADING_DOTS.sub(lambda dots: "_" * len(dots[0]), cleaned)
+    if cleaned == prompt_id and 0 < len(cleaned) <= MAX_NAME_LENGTH:
+        return cleaned
+    digest = hashlib.sha256(prompt_id.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned[: MAX_NAME_LENGTH - len(digest) - 1]}-{digest}"
+
+
+def image_key(prompt_id: str, seed: int, fmt: ImageFormat) -> str:
+    """Name the image by (id, seed) only, so a retried or resumed run overwrites rather than duplicates."""
+    return f"images/{safe_name(prompt_id)}-s{seed}.{EXTENSIONS[fmt]}"
+
+
+def _check_options(fmt: str, quality: int) -> None:
+    if fmt not in _PIL_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; use one of {sorted(_PIL_FORMATS)}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"image quality must be between 1 and 100, got {quality}")
+
+
+def encode_image(pixels_HWC: np.ndarray, fmt: ImageFormat, quality: int = 95) -> bytes:
+    """Encode uint8 RGB pixels; no metadata is written, so equal pixels give byte-identical files."""
+    _check_options(fmt, quality)
+    pixels = np.asarray(pixels_HWC)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got dtype {pixels.dtype}")
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise ValueError(f"expected a non-empty HxWx3 RGB array, got shape {pixels.shape}")
+    buffer = io.BytesIO()
+    options = {} if fmt == "png" else {"quality": quality}
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=_PIL_FORMATS[fmt], **options)
+    return buffer.getvalue()
+
+
+def _write_local_atomically(path: str, data: bytes) -> None:
+    """Write via a hidden temp file and rename, so readers never see a partial image under its name."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    temp_path = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp_path, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temp_path)
+        raise
+
+
+class ImageWriter:
+    """Stores encoded images under ``{output_uri}/images/`` on local disk or S3."""
+
+    def __init__(
+        self,
+        output_uri: str,
+        fmt: ImageFormat = "png",
+        quality: int = 95,
+        endpoint_url: str | None = None,
+    ) -> None:
+        _check_options(fmt, quality)
+        self.fmt = fmt
+        self.quality = quality
+        self._fs, self._root = resolve(output_uri, endpoint_url)
+        self._local = isinstance(self._fs, fs.LocalFileSystem)
+        self._root_uri = self._root if self._local else output_uri
+
+    def write(self, prompt_id: str, seed: int, pixels_HWC: np.ndarray) -> tuple[str, str]:
+        """Store one image and return its URI and the sha256 of its bytes (for the metadata record)."""
+        data = encode_image(pixels_HWC, self.fmt, self.quality)
+        key = image_key(prompt_id, seed, self.fmt)
+        path = join(self._root, key)
+        if self._local:
+            _write_local_atomically(path, data)
+        else:
+            # An S3 object only appears once the upload completes, which makes this write atomic too.
+            with self._fs.open_output_stream(path, metadata={"Content-Type": CONTENT_TYPES[self.fmt]}) as out:
+                out.write(data)
+        return join(self._root_uri, key), hashlib.sha256(data).hexdigest()

@@ -1,0 +1,82 @@
+"""The per-image metadata records: one fixed schema, written as Parquet under ``{output}/metadata/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from pyarrow import fs
+
+from storage.uris import join, resolve
+
+STAGE_TYPE = pa.struct(
+    [
+        ("stage", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("tokens", pa.int32()),
+        ("kept", pa.int32()),
+        ("latency_ms", pa.float64()),
+    ]
+)
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("model", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image_uri", pa.string()),
+        ("image_sha256", pa.string()),
+        ("tau", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("stages", pa.list_(STAGE_TYPE)),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+METADATA_DIR = "metadata"
+REQUIRED_FIELDS = ("prompt_id", "prompt", "seed", "model", "status")
+STATUSES = ("ok", "error")
+
+
+def metadata_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build a METADATA_SCHEMA table; absent optional keys become null and unknown keys are dropped.
+
+    Required keys are checked here so a bug in the caller fails loudly instead of writing null ids.
+    """
+    for row in rows:
+        missing = [name for name in REQUIRED_FIELDS if row.get(name) is None]
+        if missing:
+            raise ValueError(f"metadata row for {row.get('prompt_id')!r} lacks required fields {missing}")
+        if row["status"] not in STATUSES:
+            raise ValueError(f"metadata status must be one of {STATUSES}, got {row['status']!r}")
+    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
+def read_metadata(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """Read every Parquet file under ``{output_uri}/metadata/``, e.g. to find work a resumed run can skip.
+
+    Only ``*.parquet`` files count; hidden or ``_``-prefixed files and folders (temp files, markers)
+    are skipped so an interrupted writer's leftovers cannot break the read.
+    """
+    filesystem, root = resolve(output_uri, endpoint_url)
+    folder = join(root, METADATA_DIR)
+    files = [
+        info.path
+        for info in filesystem.get_file_info(fs.FileSelector(folder, recursive=True, allow_not_found=True))
+        if info.type == fs.FileType.File and _is_visible_parquet(info.path[len(folder) :])
+    ]
+    if not files:
+        return METADATA_SCHEMA.empty_table()
+    dataset = ds.dataset(sorted(files), schema=METADATA_SCHEMA, format="parquet", filesystem=filesystem)
+    return dataset.to_table()
+
+
+def _is_visible_parquet(relative_path: str) -> bool:
+    parts = [part for part in relative_path.split("/") if part]
+    return parts[-1].endswith(".parquet") and not any(part.startswith((".", "_")) for part in parts)

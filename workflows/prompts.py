@@ -1,0 +1,57 @@
+"""Prompt files as a Ray dataset of normalised rows (storage.prompts.PROMPT_SCHEMA).
+
+Reading uses Ray Data's own readers; each row is then validated on its own, so a malformed row travels on
+as an `error` row instead of failing the job.
+"""
+
+import pyarrow as pa
+import ray
+from pyarrow import fs
+
+from storage.prompts import normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
+from storage.uris import resolve
+from workflows.config import ConfigError
+
+
+def _jsonl_batch(batch: pa.Table) -> pa.Table:
+    return normalize_jsonl_lines(batch.column("text").to_pylist())
+
+
+def _text_batch(batch: pa.Table) -> pa.Table:
+    return normalize_text_lines(batch.column("text").to_pylist())
+
+
+# Reading and validating prompts is light I/O; asking no CPU for it keeps a pool of actors that holds every
+# core (the laptop default) from starving the reader that feeds them.
+IO_CPUS = 0
+
+
+def read_prompts(
+    uri: str, limit: int | None = None, block_rows: int = 4096, endpoint_url: str | None = None
+) -> ray.data.Dataset:
+    """A dataset of prompt rows in blocks of `block_rows`, so that every actor of the pool gets work even from
+    one small file. Whole-file problems (missing, empty, no `prompt` column) raise ConfigError."""
+    try:
+        filesystem, path = resolve(uri, endpoint_url)
+        info = filesystem.get_file_info(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"cannot open prompts {uri}: {exc}") from None
+    if info.type == fs.FileType.NotFound:
+        raise ConfigError(f"prompts file not found: {uri} (try configs/prompts/sample.jsonl)")
+    if info.type == fs.FileType.File and info.size == 0:
+        raise ConfigError(f"prompts file {uri} is empty: add one prompt per line")
+    kind = prompt_format(uri)
+    if kind in ("jsonl", "text"):
+        ds = ray.data.read_text(path, filesystem=filesystem, num_cpus=IO_CPUS).map_batches(
+            _jsonl_batch if kind == "jsonl" else _text_batch, batch_format="pyarrow", batch_size=block_rows,
+            num_cpus=IO_CPUS,
+        )
+    else:
+        reader = ray.data.read_csv if kind == "csv" else ray.data.read_parquet
+        ds = reader(path, filesystem=filesystem, num_cpus=IO_CPUS)
+        columns = ds.schema().names
+        if "prompt" not in columns:
+            raise ConfigError(f"prompts file {uri} has no 'prompt' column (columns: {columns}); rename the "
+                              "column that holds the prompts to 'prompt'")
+        ds = ds.map_batches(normalize_records, batch_format="pyarrow", batch_size=block_rows, num_cpus=IO_CPUS)
+    return ds.limit(limit) if limit is not None else ds
