@@ -18,15 +18,20 @@ def block_scores(f_in_BnC: torch.Tensor, f_out_BnC: torch.Tensor) -> torch.Tenso
 
 
 def normalize_scores(d_BL: torch.Tensor, mode: str) -> torch.Tensor:
-    """Step 2: per-image normalisation to [0, 1]: min-max, or rank / (n - 1) for `quantile`."""
+    """Step 2: per-image normalisation to [0, 1] in float64: min-max, or rank / (n - 1) for `quantile`.
+
+    Min-max is (D - min) / (max - min + 1e-12), capped at 1 - 1e-12: in float32 the 1e-12 vanishes and the
+    maximum would reach 1, so τ = 1 would keep more than the anchors, which the formula never does.
+    """
+    d_BL = d_BL.double()
     if mode == "minmax":
         lo = d_BL.amin(dim=1, keepdim=True)
         hi = d_BL.amax(dim=1, keepdim=True)
-        return (d_BL - lo) / (hi - lo + EPS)
+        return ((d_BL - lo) / (hi - lo + EPS)).clamp(max=1.0 - EPS)
     if mode == "quantile":
         n = d_BL.shape[1]
         ranks = d_BL.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-        return ranks.to(d_BL.dtype) / max(n - 1, 1)
+        return ranks.double() / max(n - 1, 1)
     raise ValueError(f"unknown normalize mode {mode!r}: use 'minmax' or 'quantile'")
 
 

@@ -51,7 +51,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x_RnC, kv, mask_R11T) -> torch.Tensor:
         R, n, C = x_RnC.shape
-        q = self.q(x_RnC).view(R, n, self.heads, -1).transpose(1, 2)
+        q = self.q(x_RnC).view(R, n, self.heads, C // self.heads).transpose(1, 2)
         out = attend(q, kv[0], kv[1], mask_R11T)
         return self.proj(out.transpose(1, 2).reshape(R, n, C))
 

@@ -1,0 +1,120 @@
+"""The shared generation loop on the tiny backend: the spec's invariants end to end, without Ray."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevar.backends import build_backend
+from sparsevar.backends.tiny.backend import TinyBackend
+from sparsevar.backends.tiny.config import TinyConfig
+from sparsevar.config import SamplingConfig, SparseVARConfig
+from sparsevar.generate import Request, generate
+
+SMALL = TinyConfig(dim=64, depth=4, heads=2, patch_sizes=[1, 2, 3, 4, 6, 8, 12, 16], decoder_channels=16)
+SPARSE = SparseVARConfig(tau=0.5, start_stage=6, score_block=2, anchor_grid=4)
+REQUESTS = [Request("a red circle", 1), Request("a green square", 2, "blurry"), Request("two triangles", 3),
+            Request("checkered", 4)]
+
+
+class RecordingTinyBackend(TinyBackend):
+    """The real tiny backend, keeping each generation's state so tests can look into its caches."""
+
+    def begin(self, *args):
+        self.last_state = super().begin(*args)
+        return self.last_state
+
+
+@pytest.fixture(scope="module")
+def backend() -> RecordingTinyBackend:
+    torch.set_num_threads(1)
+    return RecordingTinyBackend(SMALL, SamplingConfig(), torch.device("cpu"))
+
+
+def pixels(results) -> list[bytes]:
+    return [r.pixels_HWC.tobytes() for r in results]
+
+
+def test_tau_zero_equals_dense_bit_for_bit(backend):
+    dense = generate(backend, REQUESTS, SPARSE.model_copy(update={"enabled": False}))
+    tau0 = generate(backend, REQUESTS, SPARSE.model_copy(update={"tau": 0.0}))
+    assert pixels(tau0) == pixels(dense)
+    assert all(s.kept == s.tokens for r in tau0 for s in r.stages)
+
+
+def test_sparse_run_differs_from_dense_and_keeps_fewer_tokens(backend):
+    dense = generate(backend, REQUESTS[:1], SPARSE.model_copy(update={"enabled": False}))
+    sparse = generate(backend, REQUESTS[:1], SPARSE)
+    assert pixels(sparse) != pixels(dense)
+    assert sum(s.kept for s in sparse[0].stages) < sum(s.tokens for s in sparse[0].stages)
+
+
+@pytest.mark.parametrize("normalize", ["minmax", "quantile"])
+def test_tau_above_one_keeps_exactly_the_anchors_from_start_stage(backend, normalize):
+    sv = SPARSE.model_copy(update={"tau": 1.0 if normalize == "minmax" else 1.01, "normalize": normalize})
+    for result in generate(backend, REQUESTS, sv):
+        for s in result.stages:
+            anchors = math.ceil(s.height / 4) * math.ceil(s.width / 4)
+            assert s.kept == (anchors if s.stage >= sv.start_stage else s.tokens), s
+
+
+def test_same_seed_same_bytes_across_runs_and_batch_sizes(backend):
+    batched = generate(backend, REQUESTS, SPARSE)
+    again = generate(backend, REQUESTS, SPARSE)
+    singles = [generate(backend, [r], SPARSE)[0] for r in REQUESTS]
+    assert pixels(again) == pixels(batched)
+    assert pixels(singles) == pixels(batched)
+    assert [r.stages[-1].kept for r in singles] == [r.stages[-1].kept for r in batched]
+
+
+def test_masks_are_per_image(backend):
+    results = generate(backend, REQUESTS, SPARSE)
+    assert len({r.stages[-1].kept for r in results}) > 1
+
+
+def test_kv_cache_holds_only_kept_tokens(backend):
+    results = generate(backend, REQUESTS, SPARSE)
+    kept_B = [sum(s.kept for s in r.stages) for r in results]
+    state = backend.last_state
+    for cache in state.caches:
+        assert cache.valid_count().tolist() == kept_B * state.branches
+
+
+@pytest.mark.parametrize("fill", ["logits", "code"])
+def test_fill_modes_and_no_anchors_generate_full_images(backend, fill):
+    for sv in (SPARSE.model_copy(update={"fill": fill}), SPARSE.model_copy(update={"fill": fill, "anchor_grid": 0})):
+        results = generate(backend, REQUESTS[:2], sv)
+        assert all(r.pixels_HWC.shape == (32, 32, 3) and r.pixels_HWC.dtype == np.uint8 for r in results)
+
+
+def test_no_anchors_and_tau_above_one_runs_no_token_in_sparse_stages(backend):
+    results = generate(backend, REQUESTS[:2], SPARSE.model_copy(update={"anchor_grid": 0, "tau": 2.0}))
+    assert [s.kept for s in results[0].stages if s.stage >= SPARSE.start_stage] == [0, 0, 0]
+
+
+def test_code_fill_gives_kept_tokens_their_dense_draws(backend):
+    """With `code` fill a kept token's random draw does not depend on which others ran, so τ = 0 is dense."""
+    dense = generate(backend, REQUESTS[:2], SPARSE.model_copy(update={"enabled": False}))
+    code0 = generate(backend, REQUESTS[:2], SPARSE.model_copy(update={"fill": "code", "tau": 0.0}))
+    assert pixels(code0) == pixels(dense)
+
+
+def test_score_block_outside_the_model_is_rejected(backend):
+    with pytest.raises(ValueError, match="score_block"):
+        generate(backend, REQUESTS[:1], SPARSE.model_copy(update={"score_block": SMALL.depth + 1}))
+
+
+def test_stage_statistics_describe_the_schedule(backend):
+    result = generate(backend, REQUESTS[:1], SPARSE)[0]
+    assert [(s.stage, s.height, s.width) for s in result.stages] == [
+        (i, p, p) for i, p in enumerate(SMALL.patch_sizes, start=1)
+    ]
+    assert all(s.latency_ms > 0 for s in result.stages)
+    assert result.latency_ms >= sum(s.latency_ms for s in result.stages)
+
+
+def test_non_square_aspect_ratio_and_guidance_off(backend):
+    b = build_backend(SMALL, SamplingConfig(cfg=1.0), "cpu")
+    result = generate(b, [Request("wide", 5, h_div_w=0.5)], SPARSE)[0]
+    assert result.pixels_HWC.shape == (22, 46, 3)
