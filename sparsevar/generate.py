@@ -5,6 +5,8 @@ stage's block-s change, keeps high-frequency tokens and anchors, runs only those
 """
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,7 @@ class StageStats:
     tokens: int
     kept: int
     latency_ms: float
+    overhead_ms: float = 0.0  # of latency_ms: scoring, gathering and filling (device-synchronised when profiling)
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,29 @@ class ImageResult:
     pixels_HWC: np.ndarray
     stages: list[StageStats]
     latency_ms: float  # wall time of the batch that made the image
+    tokens: list[torch.Tensor] | None = None  # per stage, the (h*w, C) residual tokens, when asked for
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Stopwatch:
+    """Sums the wall time of SparseVAR's own work in a stage; synchronises the device only when profiling."""
+
+    def __init__(self, device: torch.device, profile: bool) -> None:
+        self.device, self.profile, self.ms = device, profile, 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.profile:
+            _synchronize(self.device)
+        started = time.perf_counter()
+        yield
+        if self.profile:
+            _synchronize(self.device)
+        self.ms += (time.perf_counter() - started) * 1e3
 
 
 def first_sparse_stage(sv: SparseVARConfig) -> int | None:
@@ -64,8 +85,15 @@ def first_sparse_stage(sv: SparseVARConfig) -> int | None:
 
 
 @torch.inference_mode()
-def generate(backend: Backend, requests: list[Request], sv: SparseVARConfig) -> list[ImageResult]:
-    """Generate one image per request in a single batch (all requests share one aspect ratio)."""
+def generate(
+    backend: Backend, requests: list[Request], sv: SparseVARConfig, *, record_tokens: bool = False,
+    profile: bool = False,
+) -> list[ImageResult]:
+    """Generate one image per request in a single batch (all requests share one aspect ratio).
+
+    record_tokens keeps every stage's residual tokens (for fidelity against dense); profile synchronises the
+    device around SparseVAR's own work so that `overhead_ms` is exact on GPUs too.
+    """
     if len({r.h_div_w for r in requests}) != 1:
         raise ValueError("a batch must share one h_div_w; group requests by aspect ratio first")
     if sv.enabled and not 1 <= sv.score_block <= backend.depth:
@@ -81,16 +109,19 @@ def generate(backend: Backend, requests: list[Request], sv: SparseVARConfig) -> 
     branches = backend.branches(state)
     score_Bhw: torch.Tensor | None = None
     stats: list[list[StageStats]] = [[] for _ in requests]
+    tokens: list[list[torch.Tensor]] = [[] for _ in requests]
     for stage, (h, w) in enumerate(schedule, start=1):
         t_stage = time.perf_counter()
+        sparse_work = _Stopwatch(device, profile)
         x_RLC = backend.stage_input(state, stage)
         plan = None
         if first_sparse is not None and stage >= first_sparse:
-            s_BL = interpolate_scores(score_Bhw, (h, w)).reshape(B, h * w)
-            anchor_of_L = anchor_layout(h, w, sv.anchor_grid, device)[0] if sv.anchor_grid else None
-            plan = plan_stage(s_BL, sv.tau, anchor_of_L)
-            if bool(plan.keep_BL.all()):
-                plan = None  # every token runs: take the dense path, which is the same computation
+            with sparse_work():
+                s_BL = interpolate_scores(score_Bhw, (h, w)).reshape(B, h * w)
+                anchor_of_L = anchor_layout(h, w, sv.anchor_grid, device)[0] if sv.anchor_grid else None
+                plan = plan_stage(s_BL, sv.tau, anchor_of_L)
+                if bool(plan.keep_BL.all()):
+                    plan = None  # every token runs: take the dense path, which is the same computation
         wants_score = first_sparse is not None and first_sparse <= stage + 1 <= len(schedule)
         capture = sv.score_block if wants_score else None
 
@@ -98,31 +129,38 @@ def generate(backend: Backend, requests: list[Request], sv: SparseVARConfig) -> 
             pred_RLV, block_io = backend.forward(state, x_RLC, stage, None, None, capture)
             tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
         else:
-            idx_Rn = plan.kept_idx_Bn.repeat(branches, 1)
-            valid_Rn = None if plan.valid_Bn is None else plan.valid_Bn.repeat(branches, 1)
-            pred_RnV, block_io = backend.forward(
-                state, gather_tokens(x_RLC, idx_Rn), stage, idx_Rn, valid_Rn, capture
-            )
+            with sparse_work():
+                idx_Rn = plan.kept_idx_Bn.repeat(branches, 1)
+                valid_Rn = None if plan.valid_Bn is None else plan.valid_Bn.repeat(branches, 1)
+                x_RnC = gather_tokens(x_RLC, idx_Rn)
+            pred_RnV, block_io = backend.forward(state, x_RnC, stage, idx_Rn, valid_Rn, capture)
             if sv.fill == "logits" and sv.anchor_grid:
-                pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1))
+                with sparse_work():
+                    pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1))
                 tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
             else:
                 tokens_BnC = backend.sample(state, pred_RnV, stage, generators, plan.kept_idx_Bn)
-                tokens_BLC = fill_tokens(tokens_BnC, plan.src_idx_BL)
+                with sparse_work():
+                    tokens_BLC = fill_tokens(tokens_BnC, plan.src_idx_BL)
         backend.accumulate(state, tokens_BLC, stage)
+        if record_tokens:
+            for i, tokens_LC in enumerate(tokens_BLC.cpu()):
+                tokens[i].append(tokens_LC)
 
         if block_io is not None:  # the conditional rows score the next stage; uncond rows share the mask
-            d_Bn = block_scores(block_io[0][:B], block_io[1][:B])
-            d_BL = d_Bn if plan is None else fill_scores(d_Bn, plan.src_idx_BL)
-            score_Bhw = normalize_scores(d_BL, sv.normalize).reshape(B, h, w)
+            with sparse_work():
+                d_Bn = block_scores(block_io[0][:B], block_io[1][:B])
+                d_BL = d_Bn if plan is None else fill_scores(d_Bn, plan.src_idx_BL)
+                score_Bhw = normalize_scores(d_BL, sv.normalize).reshape(B, h, w)
 
         _synchronize(device)
         latency_ms = (time.perf_counter() - t_stage) * 1e3
         kept_B = [h * w] * B if plan is None else plan.counts_B.tolist()
         for i in range(B):
-            stats[i].append(StageStats(stage, h, w, h * w, int(kept_B[i]), latency_ms))
+            stats[i].append(StageStats(stage, h, w, h * w, int(kept_B[i]), latency_ms, sparse_work.ms))
 
     pixels_BHWC = backend.decode(state)
     _synchronize(device)
     batch_ms = (time.perf_counter() - t_batch) * 1e3
-    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms) for i in range(B)]
+    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None)
+            for i in range(B)]
