@@ -15,7 +15,9 @@ import torch
 class Backend(Protocol):
     name: str
     device: torch.device
-    depth: int
+    depth: int  # transformer blocks
+    dim: int  # hidden width
+    block_params: int  # parameters of one block, for the spec's cost model
 
     def schedule(self, h_div_w: float) -> list[tuple[int, int]]:
         """Token-map sizes (h, w) of every stage, coarse to fine."""

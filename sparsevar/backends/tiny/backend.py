@@ -63,13 +63,14 @@ class TinyBackend:
 
     def __init__(self, cfg: TinyConfig, sampling: SamplingConfig, device: torch.device, dtype=torch.float32):
         self.cfg, self.sampling, self.device, self.dtype = cfg, sampling, device, dtype
-        self.depth = cfg.depth
+        self.depth, self.dim = cfg.depth, cfg.dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = TinyModel(cfg)
         if cfg.weights:
             load_weights(self.model, cfg.weights)
         self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.block_params = sum(p.numel() for p in self.model.transformer.blocks[0].parameters())
         self.tokenizer = ByteTokenizer(cfg.max_text_tokens)
         self._rope: dict[tuple[int, int, tuple[int, int]], torch.Tensor] = {}
 
