@@ -1,5 +1,12 @@
-"""Model backends and the config union that picks one by its `backend` key."""
+"""Model backends and the config union that picks one by its `backend` key.
 
+To add a backend: its config class (with `backend: Literal["name"]`) joins `ModelConfig`, and its module
+path joins `_BACKENDS`; the module provides `build(model_cfg, sampling, device, dtype) -> Backend` and
+`expected_entries(model_cfg) -> {component: {key: shape}}` (what its checkpoint files must hold, for
+`workflows.inspect`).
+"""
+
+import importlib
 from typing import Annotated
 
 import torch
@@ -11,17 +18,27 @@ from sparsevar.config import SamplingConfig
 
 ModelConfig = Annotated[TinyConfig, Field(discriminator="backend")]
 
+_BACKENDS = {"tiny": "sparsevar.backends.tiny.backend"}
+
+
+def _module(model: ModelConfig):
+    return importlib.import_module(_BACKENDS[model.backend])
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """"auto" picks CUDA when present, and bf16 on GPU, fp32 on CPU."""
+    torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        return torch_device, torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    return torch_device, getattr(torch, dtype)
+
 
 def build_backend(model: ModelConfig, sampling: SamplingConfig, device: str = "auto", dtype: str = "auto") -> Backend:
-    """Build the configured backend on a device ("auto": CUDA when present) and dtype ("auto": bf16 on GPU)."""
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                "cpu" if device == "auto" else device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    if model.backend == "tiny":
-        from sparsevar.backends.tiny.backend import TinyBackend
+    """Build the configured backend, its weights loaded, ready to generate."""
+    torch_device, torch_dtype = resolve_device(device, dtype)
+    return _module(model).build(model, sampling, torch_device, torch_dtype)
 
-        return TinyBackend(model, sampling, torch_device, torch_dtype)
-    raise ValueError(f"unknown backend {model.backend!r}")
+
+def expected_entries(model: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Parameter names and shapes each checkpoint file of the config must hold, built without weights."""
+    return _module(model).expected_entries(model)

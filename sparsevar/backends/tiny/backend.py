@@ -164,3 +164,14 @@ class TinyBackend:
 def _pad_to(x_BTC: torch.Tensor, mask_BT: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     pad = width - x_BTC.shape[1]
     return F.pad(x_BTC, (0, 0, 0, pad)), F.pad(mask_BT, (0, pad))
+
+
+def build(cfg: TinyConfig, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype) -> TinyBackend:
+    return TinyBackend(cfg, sampling, device, dtype)
+
+
+def expected_entries(cfg: TinyConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The tiny model's single state dict (`model.weights`), built on the meta device."""
+    with torch.device("meta"):
+        model = TinyModel(cfg)
+    return {"model": {key: tuple(value.shape) for key, value in model.state_dict().items()}}
