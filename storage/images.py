@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pyarrow import fs
 
+from storage.s3 import put_bytes
 from storage.uris import join, resolve
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -96,19 +97,18 @@ class ImageWriter:
         _check_options(fmt, quality)
         self.fmt = fmt
         self.quality = quality
-        self._fs, self._root = resolve(output_uri, endpoint_url)
-        self._local = isinstance(self._fs, fs.LocalFileSystem)
+        self.endpoint_url = endpoint_url
+        filesystem, self._root = resolve(output_uri, endpoint_url)
+        self._local = isinstance(filesystem, fs.LocalFileSystem)
         self._root_uri = self._root if self._local else output_uri
 
     def write(self, prompt_id: str, seed: int, pixels_HWC: np.ndarray) -> tuple[str, str]:
         """Store one image and return its URI and the sha256 of its bytes (for the metadata record)."""
         data = encode_image(pixels_HWC, self.fmt, self.quality)
         key = image_key(prompt_id, seed, self.fmt)
-        path = join(self._root, key)
+        uri = join(self._root_uri, key)
         if self._local:
-            _write_local_atomically(path, data)
+            _write_local_atomically(uri, data)
         else:
-            # An S3 object only appears once the upload completes, which makes this write atomic too.
-            with self._fs.open_output_stream(path, metadata={"Content-Type": CONTENT_TYPES[self.fmt]}) as out:
-                out.write(data)
-        return join(self._root_uri, key), hashlib.sha256(data).hexdigest()
+            put_bytes(uri, data, CONTENT_TYPES[self.fmt], self.endpoint_url)
+        return uri, hashlib.sha256(data).hexdigest()
