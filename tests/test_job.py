@@ -1,0 +1,265 @@
+"""End-to-end runs of the batch job (`workflows.generate.main`) in-process on the shared local Ray cluster.
+
+Each job run costs seconds (mostly actor start-up), so runs are few and each one is checked thoroughly.
+"""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from storage.metadata import METADATA_SCHEMA, read_metadata
+from storage.prompts import default_id, default_seed
+from workflows.config import load_config
+from workflows.generate import EXIT_BAD_INPUT, EXIT_OK, EXIT_ROWS_FAILED, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny.yaml"
+SAMPLE = ROOT / "configs" / "prompts" / "sample.jsonl"
+SAMPLE_ROWS = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
+
+
+def run_job(prompts: Path | str, output: Path, overrides=(), *extra: str) -> int:
+    argv = ["--config", str(CONFIG), "--prompts", str(prompts), "--output", str(output)]
+    for assignment in overrides:
+        argv += ["--set", assignment]
+    return main([*argv, *extra])
+
+
+def rows_by_id(output: Path) -> dict[str, dict]:
+    rows = read_metadata(str(output)).to_pylist()
+    by_id = {row["prompt_id"]: row for row in rows}
+    assert len(by_id) == len(rows), "one metadata row per prompt id"
+    return by_id
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_files(output: Path) -> dict[str, str]:
+    """File name -> sha256 of every entry in {output}/images/ (hidden temp files included, so leftovers show)."""
+    return {path.name: sha256_file(path) for path in sorted((output / "images").iterdir())}
+
+
+def sha_by_key(output: Path) -> dict[tuple[str, int], str]:
+    return {(r["prompt_id"], r["seed"]): r["image_sha256"] for r in rows_by_id(output).values()}
+
+
+def assert_ok_row(row: dict, output: Path) -> None:
+    """An ok row points at a real image whose bytes and size match the row."""
+    assert row["status"] == "ok", row["error"]
+    assert row["error"] is None
+    assert row["model"] == "tiny"
+    path = Path(row["image_uri"])
+    assert path.parent == output / "images"
+    assert path.name == f"{row['prompt_id']}-s{row['seed']}.png"
+    assert row["image_sha256"] == sha256_file(path)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.mode == "RGB"
+        assert image.size == (row["width"], row["height"])
+    assert row["latency_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def base_run(ray_cluster, fast_overrides, tmp_path_factory):
+    """The sample prompts with the fast config (SparseVAR at the config's tau): the reference for other tests."""
+    output = tmp_path_factory.mktemp("base") / "out"
+    return run_job(SAMPLE, output, fast_overrides), output
+
+
+def test_job_writes_one_image_and_one_metadata_row_per_prompt(base_run, fast_overrides):
+    exit_code, output = base_run
+    assert exit_code == EXIT_OK
+    cfg = load_config(CONFIG, fast_overrides)
+    start = max(cfg.sparsevar.start_stage, 2)  # the spec's first stage that may leave tokens out
+    sizes = cfg.model.patch_sizes
+
+    files = sorted((output / "metadata").glob("*.parquet"))
+    assert files
+    for file in files:
+        assert pq.read_schema(file).equals(METADATA_SCHEMA), file
+
+    assert image_files(output).keys() == {f"{r['id']}-s{r['seed']}.png" for r in SAMPLE_ROWS}
+    rows = rows_by_id(output)
+    assert rows.keys() == {r["id"] for r in SAMPLE_ROWS}
+    sparse_tokens_left_out = 0
+    for sample in SAMPLE_ROWS:
+        row = rows[sample["id"]]
+        assert (row["prompt"], row["seed"]) == (sample["prompt"], sample["seed"])
+        assert_ok_row(row, output)
+        assert row["tau"] == cfg.sparsevar.tau
+        stages = row["stages"]
+        assert [s["stage"] for s in stages] == list(range(1, len(sizes) + 1))
+        for s, side in zip(stages, sizes, strict=True):
+            assert (s["height"], s["width"]) == (side, side)
+            assert s["tokens"] == s["height"] * s["width"]
+            assert 1 <= s["kept"] <= s["tokens"]
+            assert s["latency_ms"] >= 0
+            if s["stage"] < start:
+                assert s["kept"] == s["tokens"], s
+            else:
+                sparse_tokens_left_out += s["tokens"] - s["kept"]
+    assert sparse_tokens_left_out > 0, "SparseVAR at the config's tau should leave some tokens out"
+
+
+def test_rerun_of_the_same_config_gives_identical_images(base_run, ray_cluster, fast_overrides, tmp_path):
+    _, base = base_run
+    assert run_job(SAMPLE, tmp_path / "again", fast_overrides) == EXIT_OK
+    assert image_files(tmp_path / "again") == image_files(base)
+    assert sha_by_key(tmp_path / "again") == sha_by_key(base)
+
+
+def test_batch_size_does_not_change_images(base_run, ray_cluster, fast_overrides, tmp_path):
+    _, base = base_run
+    one = tmp_path / "one"
+    assert run_job(SAMPLE, one, [*fast_overrides, "ray.batch_size=1"], "--limit", "4") == EXIT_OK
+    alone, batched = sha_by_key(one), sha_by_key(base)
+    assert len(alone) == 4
+    assert alone == {key: batched[key] for key in alone}
+    base_files = image_files(base)
+    assert image_files(one) == {name: base_files[name] for name in image_files(one)}
+
+
+def test_tau_zero_is_bit_identical_to_dense(base_run, ray_cluster, fast_overrides, tmp_path):
+    sparse_zero, dense = tmp_path / "tau0", tmp_path / "dense"
+    assert run_job(SAMPLE, sparse_zero, [*fast_overrides, "sparsevar.tau=0"]) == EXIT_OK
+    assert run_job(SAMPLE, dense, [*fast_overrides, "sparsevar.enabled=false"]) == EXIT_OK
+
+    zero_rows, dense_rows = rows_by_id(sparse_zero), rows_by_id(dense)
+    assert len(dense_rows) == len(SAMPLE_ROWS)
+    assert sha_by_key(sparse_zero) == sha_by_key(dense)
+    assert image_files(sparse_zero) == image_files(dense)
+    for prompt_id, row in zero_rows.items():
+        assert_ok_row(row, sparse_zero)
+        assert row["tau"] == 0.0
+        assert dense_rows[prompt_id]["tau"] is None
+        for rows in (row, dense_rows[prompt_id]):
+            assert all(s["kept"] == s["tokens"] for s in rows["stages"])
+    # The comparison means something only if SparseVAR at the config's tau changes images.
+    assert sha_by_key(base_run[1]) != sha_by_key(dense)
+
+
+def test_tau_one_keeps_only_the_anchors(ray_cluster, fast_overrides, tmp_path):
+    overrides = [*fast_overrides, "sparsevar.tau=1.0"]
+    assert run_job(SAMPLE, tmp_path, overrides) == EXIT_OK
+    cfg = load_config(CONFIG, overrides)
+    alpha, start = cfg.sparsevar.anchor_grid, max(cfg.sparsevar.start_stage, 2)
+    assert alpha >= 1
+    rows = rows_by_id(tmp_path)
+    assert len(rows) == len(SAMPLE_ROWS)
+    for row in rows.values():
+        assert_ok_row(row, tmp_path)
+        assert row["tau"] == 1.0
+        assert len(row["stages"]) == len(cfg.model.patch_sizes)
+        for s in row["stages"]:
+            anchors = math.ceil(s["height"] / alpha) * math.ceil(s["width"] / alpha)
+            expected = anchors if s["stage"] >= start else s["tokens"]
+            assert s["kept"] == expected, (row["prompt_id"], s)
+
+
+def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster, fast_overrides, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(
+            [
+                '{"id": "good-1", "prompt": "a red circle", "seed": 1}',
+                '{"id": "broken", "prompt": "no closing quote, "seed": 2}',
+                '{"id": "blank", "prompt": "   ", "seed": 3}',
+                '{"id": "fractional", "prompt": "a blue square", "seed": 1.5}',
+                '{"id": "good-2", "prompt": "a green triangle", "seed": 2}',
+            ]
+        )
+        + "\n"
+    )
+    output = tmp_path / "out"
+    assert run_job(prompts, output, fast_overrides) == EXIT_ROWS_FAILED
+    stdout = capsys.readouterr().out
+    assert "images written: 2" in stdout
+    assert "rows failed: 3" in stdout
+
+    rows = read_metadata(str(output)).to_pylist()
+    assert len(rows) == 5
+    ok = {r["prompt_id"]: r for r in rows if r["status"] == "ok"}
+    assert ok.keys() == {"good-1", "good-2"}
+    for row in ok.values():
+        assert_ok_row(row, output)
+    assert image_files(output).keys() == {"good-1-s1.png", "good-2-s2.png"}
+
+    errors = [r for r in rows if r["status"] == "error"]
+    assert len(errors) == 3
+    for row in errors:
+        assert row["error"]
+        assert row["image_uri"] is None and row["image_sha256"] is None and row["stages"] is None
+    by_id = {r["prompt_id"]: r for r in errors}
+    assert 'empty "prompt"' in by_id["blank"]["error"]
+    assert by_id["blank"]["seed"] == 3
+    assert '"seed" 1.5 is not a whole number' in by_id["fractional"]["error"]
+    assert by_id["fractional"]["prompt"] == "a blue square"
+    # The id of an unparseable line is derived from its text, so it cannot be "broken".
+    (bad_json,) = [r for r in errors if r["prompt_id"] not in ("blank", "fractional")]
+    assert bad_json["error"].startswith("invalid JSON")
+    assert "no closing quote" in bad_json["error"], "the message quotes the line"
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "named"),
+    [
+        (["--prompts", str(SAMPLE), "--set", "sparsevar.taux=1"], "sparsevar.taux: unknown key"),
+        (["--prompts", "{tmp}/missing.jsonl"], "prompts file not found: {tmp}/missing.jsonl"),
+    ],
+    ids=["unknown-config-key", "missing-prompts-file"],
+)
+def test_bad_input_exits_2_before_any_work(ray_cluster, tmp_path, capsys, argv_tail, named):
+    output = tmp_path / "out"
+    argv_tail = [arg.replace("{tmp}", str(tmp_path)) for arg in argv_tail]
+    assert main(["--config", str(CONFIG), "--output", str(output), *argv_tail]) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert named.replace("{tmp}", str(tmp_path)) in captured.err
+    assert captured.err.startswith("error: ")
+    assert "images written" not in captured.out
+    assert not output.exists()
+
+
+def test_csv_prompts_give_the_same_images_as_jsonl(base_run, ray_cluster, fast_overrides, tmp_path):
+    _, base = base_run
+    first, second = SAMPLE_ROWS[0], SAMPLE_ROWS[1]
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(
+        "id,prompt,seed,notes\n"
+        f"{first['id']},{first['prompt']},{first['seed']},extra columns are ignored\n"
+        f'{second["id"]},"{second["prompt"]}",{second["seed"]},\n'
+        'no-seed,"a cat, a dog",,\n'
+    )
+    output = tmp_path / "out"
+    assert run_job(prompts, output, fast_overrides) == EXIT_OK
+    rows = rows_by_id(output)
+    assert rows.keys() == {first["id"], second["id"], "no-seed"}
+    for row in rows.values():
+        assert_ok_row(row, output)
+    assert rows["no-seed"]["prompt"] == "a cat, a dog"
+    assert rows["no-seed"]["seed"] == default_seed("no-seed")
+    base_sha = sha_by_key(base)
+    for sample in (first, second):
+        assert rows[sample["id"]]["image_sha256"] == base_sha[(sample["id"], sample["seed"])]
+
+
+def test_text_prompts_with_limit(ray_cluster, fast_overrides, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    lines = ["a red circle", "a green striped square", "two yellow triangles"]
+    prompts.write_text("\n" + "\n\n".join(lines) + "\n")
+    output = tmp_path / "out"
+    assert run_job(prompts, output, fast_overrides, "--limit", "2") == EXIT_OK
+    rows = rows_by_id(output)
+    assert len(rows) == 2
+    assert len(image_files(output)) == 2
+    for prompt_id, row in rows.items():
+        assert row["prompt"] in lines
+        assert prompt_id == default_id(row["prompt"])
+        assert row["seed"] == default_seed(prompt_id)
+        assert_ok_row(row, output)
