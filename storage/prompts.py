@@ -226,3 +226,10 @@ def _show(value: object) -> str:
 
 def _excerpt(text: str, limit: int = EXCERPT_LENGTH) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """Seed of a prompt's index-th image (index 0 keeps the prompt's own seed), stable across runs."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
