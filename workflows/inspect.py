@@ -2,47 +2,22 @@
 
     python -m workflows.inspect --config configs/tiny.yaml
     python -m workflows.inspect --config configs/tiny.yaml --checkpoint model.pt [--component model]
+    python -m workflows.inspect --config configs/infinity-2b.yaml --checkpoint s3://b/infinity_vae_d32reg.pth \
+        --component vae
 
 Prints `<component> <key> <shape>` a line (shape as d1xd2x...), built on the meta device: no weights or
-memory needed. With --checkpoint, lists missing, unexpected and mis-shaped keys; exit 1 if any.
+memory needed. With --checkpoint (a file, a folder of shards with an index, or an s3:// URI fetched into the
+checkpoint cache), lists missing, unexpected and mis-shaped keys; exit 1 if any. Files that nest their weights
+under `model`, `state_dict`, `module` or `vae` (Infinity's VAE) are unwrapped.
 """
 
 import argparse
 import sys
 
-import torch
-
 from sparsevar.backends import expected_entries
+from sparsevar.state_dicts import CheckpointMismatch, compare, format_shape, read_state_dict
+from storage.checkpoints import CheckpointError, fetch_checkpoint
 from workflows.config import ConfigError, load_config
-
-
-def format_shape(shape: tuple[int, ...]) -> str:
-    return "x".join(str(d) for d in shape) or "scalar"
-
-
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors by name; official files that wrap the weights (under `model`, `state_dict` or
-    `trainer`) are unwrapped by the backend's loader, so accept those wrappers here too."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return state
-
-
-def compare(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor]) -> list[str]:
-    """Problems, one line each: missing, unexpected, and shape mismatches."""
-    problems = [f"missing {key} {format_shape(shape)}" for key, shape in expected.items() if key not in found]
-    problems += [f"unexpected {key} {format_shape(tuple(t.shape))}" for key, t in found.items() if key not in expected]
-    problems += [
-        f"mis-shaped {key}: expected {format_shape(shape)}, found {format_shape(tuple(found[key].shape))}"
-        for key, shape in expected.items() if key in found and tuple(found[key].shape) != shape
-    ]
-    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown component {component!r}; this config has {sorted(entries)}", file=sys.stderr)
         return 2
     try:
-        found = load_state_dict(args.checkpoint)
-    except (OSError, RuntimeError) as exc:
+        found = read_state_dict(fetch_checkpoint(args.checkpoint))
+    except (OSError, CheckpointError, CheckpointMismatch) as exc:
         print(f"error: cannot read checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
         return 2
     problems = compare(entries[component], found)

@@ -13,12 +13,13 @@ import torch
 from pydantic import Field
 
 from sparsevar.backend import Backend
+from sparsevar.backends.infinity.config import InfinityConfig
 from sparsevar.backends.tiny.config import TinyConfig
 from sparsevar.config import SamplingConfig
 
-ModelConfig = Annotated[TinyConfig, Field(discriminator="backend")]
+ModelConfig = Annotated[TinyConfig | InfinityConfig, Field(discriminator="backend")]
 
-_BACKENDS = {"tiny": "sparsevar.backends.tiny.backend"}
+_BACKENDS = {"tiny": "sparsevar.backends.tiny.backend", "infinity": "sparsevar.backends.infinity.backend"}
 
 
 def _module(model: ModelConfig):

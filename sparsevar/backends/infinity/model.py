@@ -1,0 +1,220 @@
+"""Infinity's transformer under the official checkpoint's parameter names, for the inference path only.
+
+Text side: RMS-normed T5 features, an attentive pool (the start token and the AdaLN condition) and an MLP
+(cross-attention keys and values). Blocks: shared AdaLN (a per-block `ada_gss` plus one `shared_ada_lin`),
+cosine self-attention with 2-D RoPE over the cached stages, cross-attention to the text, and an MLP; then an
+AdaLN head with two logits per bit. Blocks are stored as `block_chunks.{i}.module.{j}`.
+
+Numerics follow the official fused-norm inference path: LayerNorms and the head run in float32; queries,
+keys and values of cross-attention are rounded to bf16 (the official code hands them to flash-attn in bf16
+even in float32), and so is its output.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsevar.attention import KVCache
+from sparsevar.backends.infinity.config import InfinityConfig
+from sparsevar.backends.infinity.schedule import apply_rope
+
+EPS = 1e-6
+LEVELS = 15  # rows of the level embedding in the official model
+MAX_LOG_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # cap of the learned cosine-attention temperature
+
+
+@dataclass
+class TextContext:
+    """Per-generation text tensors: each block's cross-attention keys and values, and the padding mask."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask_R11T: torch.Tensor | None
+
+
+def layer_norm(x_RnC: torch.Tensor) -> torch.Tensor:
+    """Parameter-free LayerNorm in float32, as every AdaLN norm of the model."""
+    return F.layer_norm(x_RnC.float(), (x_RnC.shape[-1],), eps=EPS)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x_RTC: torch.Tensor) -> torch.Tensor:
+        x_RTC = x_RTC.float()
+        return x_RTC * torch.rsqrt(x_RTC.pow(2).mean(-1, keepdim=True) + EPS) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Cosine attention: L2-normed queries and keys, queries scaled by a learned per-head factor, scale 1."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn) -> torch.Tensor:
+        R, n, C = x_RnC.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x_RnC, self.mat_qkv.weight, bias).view(R, n, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        scale_mul = self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+        q = apply_rope(F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul), rope_2Rnd)
+        k = apply_rope(F.normalize(k, dim=-1, eps=1e-12), rope_2Rnd)
+        keys, values, mask = cache.extend(k.to(cache.k_RHLD.dtype), v.to(cache.v_RHLD.dtype), valid_Rn)
+        out = F.scaled_dot_product_attention(q.to(values.dtype), keys, values, attn_mask=mask, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (or, pooling, one learned query) to the text; keys and values are cached."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, pool: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        if pool:
+            self.mat_q = nn.Parameter(torch.zeros(1, heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(dim, dim)
+        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def text_kv(self, text_RTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R, T, _ = text_RTC.shape
+        kv = F.linear(text_RTC, self.mat_kv.weight, torch.cat([self.zero_k_bias, self.v_bias]))
+        k, v = kv.view(R, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, q_RHnD: torch.Tensor, kv, mask_R11T: torch.Tensor | None) -> torch.Tensor:
+        R, _, n, _ = q_RHnD.shape
+        k, v = kv
+        if q_RHnD.dtype == torch.float32:  # the official code casts to bf16 for flash-attn in this case only
+            q_RHnD, k, v = (t.to(torch.bfloat16).float() for t in (q_RHnD, k, v))
+        out = F.scaled_dot_product_attention(q_RHnD, k, v, attn_mask=mask_R11T).to(torch.bfloat16).float()
+        return self.proj(out.transpose(1, 2).reshape(R, n, -1))
+
+    def attend(self, x_RnC: torch.Tensor, kv, mask_R11T: torch.Tensor | None) -> torch.Tensor:
+        R, n, _ = x_RnC.shape
+        q = self.mat_q(x_RnC).view(R, n, self.heads, self.head_dim).transpose(1, 2)
+        return self(q, kv, mask_R11T)
+
+    def pool(self, text_RTC: torch.Tensor, mask_R11T: torch.Tensor | None) -> torch.Tensor:
+        """The learned query's attention over the whole text: (R, dim)."""
+        q = self.mat_q.to(text_RTC.dtype).expand(text_RTC.shape[0], -1, -1).unsqueeze(2)
+        return self(q, self.text_kv(text_RTC), mask_R11T)[:, 0]
+
+
+class TextAttentivePool(nn.Module):
+    def __init__(self, text_channels: int, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ca = CrossAttention(dim, text_channels, heads, pool=True)
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """CrossAttnBlock: x += γ1·SA(AdaLN(x)); x += CA(LN(x)); x += γ2·FFN(AdaLN(x)), residual in float32."""
+
+    def __init__(self, dim: int, text_dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.sa = SelfAttention(dim, heads)
+        self.ca = CrossAttention(dim, text_dim, heads)
+        self.ffn = FFN(dim, hidden)
+        self.ca_norm = nn.LayerNorm(dim, eps=EPS)
+        self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, dim))
+
+    def forward(self, x_RnC, cond_R16C, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_R16C).unbind(2)
+        x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * (scale1 + 1) + shift1, rope_2Rnd, cache, valid_Rn) * gamma1
+        x_RnC = x_RnC + self.ca.attend(self.ca_norm(x_RnC), text_kv, text_mask).float()
+        return x_RnC + self.ffn(layer_norm(x_RnC) * (scale2 + 1) + shift2) * gamma2
+
+
+class Chunk(nn.Module):
+    def __init__(self, blocks: list[Block]) -> None:
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+class AdaLNHead(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x_RnC: torch.Tensor, cond_RD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_RD).view(-1, 1, 2, x_RnC.shape[-1]).unbind(2)
+        return layer_norm(x_RnC) * (scale + 1) + shift
+
+
+class Infinity(nn.Module):
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        C, Ct5 = cfg.dim, cfg.text_channels
+        self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_max_tokens, Ct5))
+        self.text_norm = RMSNorm(Ct5)
+        self.text_proj_for_sos = TextAttentivePool(Ct5, C, cfg.text_pool_heads)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct5, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.lvl_embed = nn.Embedding(LEVELS, C)
+        self.word_embed = nn.Linear(cfg.token_channels, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        hidden = round(C * cfg.mlp_ratio / 256) * 256
+        per_chunk = cfg.depth // cfg.block_chunks
+        self.block_chunks = nn.ModuleList(
+            Chunk([Block(C, C, cfg.heads, hidden) for _ in range(per_chunk)]) for _ in range(cfg.block_chunks)
+        )
+        self.head_nm = AdaLNHead(C)
+        self.head = nn.Linear(C, 2 * cfg.token_channels)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [block for chunk in self.block_chunks for block in chunk.module]
+
+    def encode_text(self, text_RTC: torch.Tensor, mask_RT: torch.Tensor):
+        """Start tokens (R, 1, C), AdaLN condition (R, D) and its shared projection (R, 1, 6, C), text context."""
+        text_RTC = self.text_norm(text_RTC)
+        mask_R11T = None if bool(mask_RT.all()) else mask_RT[:, None, None, :]
+        cond_RD = self.text_proj_for_sos.ca.pool(text_RTC, mask_R11T).float()
+        ca_RTC = self.text_proj_for_ca(text_RTC)
+        kv = [block.ca.text_kv(ca_RTC) for block in self.blocks]
+        with torch.autocast(cond_RD.device.type, enabled=False):
+            cond_R16C = self.shared_ada_lin(cond_RD).view(cond_RD.shape[0], 1, 6, -1).float()
+        sos_R1C = cond_RD.unsqueeze(1) + self.pos_start
+        return sos_R1C, cond_RD, cond_R16C, TextContext(kv, mask_R11T)
+
+    def forward(self, x_RnC, stage, cond_RD, cond_R16C, rope_2Rnd, caches, valid_Rn, text: TextContext,
+                capture_block: int | None):
+        """Logits (R, n, 2 * bits) of a stage's tokens and, if asked, the input and output of block capture_block.
+
+        x is the start token at stage 1 and raw codes afterwards; the level embedding is added once, before
+        the first block.
+        """
+        x_RnC = x_RnC if stage == 1 else self.word_embed(x_RnC)
+        x_RnC = x_RnC.float() + self.lvl_embed.weight[stage - 1]
+        block_io = None
+        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
+            x_in = x_RnC
+            x_RnC = block(x_RnC, cond_R16C, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
+            if i == capture_block:
+                block_io = (x_in, x_RnC)
+        with torch.autocast(x_RnC.device.type, enabled=False):
+            logits = self.head(self.head_nm(x_RnC.float(), cond_RD.float()))
+        return logits, block_io

@@ -1,0 +1,134 @@
+"""The Infinity backend on tiny random-weight checkpoints saved in the official layout and loaded like the real ones."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sparsevar.backends import build_backend, expected_entries
+from sparsevar.backends.infinity.schedule import TEMPLATES, rope_table, schedule, template
+from sparsevar.backends.infinity.testing import write_checkpoints
+from sparsevar.config import SamplingConfig, SparseVARConfig
+from sparsevar.generate import Request, generate
+from sparsevar.state_dicts import CheckpointMismatch
+from workflows import inspect
+
+SPARSE = SparseVARConfig(tau=0.5, start_stage=5, score_block=2, anchor_grid=4)  # stages 5-7 of 7 may be sparse
+REQUESTS = [Request("a red cat on a sofa", 1), Request("mountains at dawn", 2, "blurry, dark")]
+
+
+def pixels(results) -> list[bytes]:
+    return [r.pixels_HWC.tobytes() for r in results]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_checkpoints(tmp_path_factory.mktemp("infinity"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def backend(files):
+    return build_backend(files, SamplingConfig(cfg=3.0), "cpu", "float32")
+
+
+def test_batch_of_two_generates_images_with_per_image_masks(backend):
+    results = generate(backend, REQUESTS, SPARSE)
+    assert [r.pixels_HWC.shape for r in results] == [(32, 32, 3)] * 2
+    assert all(r.pixels_HWC.dtype == np.uint8 for r in results)
+    assert [(s.height, s.width) for s in results[0].stages] == schedule(1.0, "0.06M")
+    late = [[s.kept for s in r.stages if s.stage >= SPARSE.start_stage] for r in results]
+    assert late[0] != late[1] and all(k < t for r in results for s in r.stages[4:] for k, t in [(s.kept, s.tokens)])
+
+
+def test_tau_zero_equals_dense_bit_for_bit(backend):
+    dense = generate(backend, REQUESTS, SPARSE.model_copy(update={"enabled": False}))
+    for fill in ("logits", "code"):
+        tau0 = generate(backend, REQUESTS, SPARSE.model_copy(update={"tau": 0.0, "fill": fill}))
+        assert pixels(tau0) == pixels(dense)
+        assert all(s.kept == s.tokens for r in tau0 for s in r.stages)
+
+
+def test_tau_one_keeps_only_the_anchors_from_start_stage(backend):
+    for result in generate(backend, REQUESTS, SPARSE.model_copy(update={"tau": 1.0})):
+        for s in result.stages:
+            anchors = math.ceil(s.height / 4) * math.ceil(s.width / 4)
+            assert s.kept == (anchors if s.stage >= SPARSE.start_stage else s.tokens), s
+
+
+def test_same_seed_same_image_and_sparse_differs_from_dense(backend):
+    once, again = generate(backend, REQUESTS, SPARSE), generate(backend, REQUESTS, SPARSE)
+    assert pixels(once) == pixels(again)
+    assert pixels(once) != pixels(generate(backend, REQUESTS, SPARSE.model_copy(update={"enabled": False})))
+
+
+def test_patchified_tokens_and_other_aspect_ratios(tmp_path):
+    """The 8B layout: 2x2 latents per token (4 * bits channels), a 4-level-style VAE, a 3:4 template."""
+    cfg = write_checkpoints(tmp_path, {"vae_bits": 4, "spatial_patchify": True}, seed=1)
+    backend = build_backend(cfg, SamplingConfig(cfg=1.0), "cpu", "float32")
+    requests = [Request("a tall tower", 5, h_div_w=1.3)]
+    dense = generate(backend, requests, SPARSE.model_copy(update={"enabled": False}))
+    assert dense[0].pixels_HWC.shape == (80, 60, 3)  # 20x15 tokens of 2x2 latents, 2x upsampled
+    assert pixels(generate(backend, requests, SPARSE.model_copy(update={"tau": 0.0}))) == pixels(dense)
+
+
+def test_schedules_follow_the_official_templates():
+    assert len(TEMPLATES) == 15
+    assert schedule(1.0, "1M")[-1] == (64, 64) and len(schedule(1.0, "1M")) == 13
+    assert schedule(0.56, "1M")[-1] == (48, 84) and template(0.56) == 0.571
+    assert schedule(1.0, "0.25M") == schedule(1.0, "1M")[:10]
+    for grids in TEMPLATES.values():
+        h, w = grids[-1]
+        assert abs(h * w * 256 - 1024**2) / 1024**2 < 0.07  # ~1 megapixel at 16 pixels a token
+    with pytest.raises(ValueError, match="h_div_w"):
+        schedule(0.0, "1M")
+
+
+def test_rope_positions_are_scaled_to_the_last_1m_grid():
+    table = rope_table(1.0, 32)  # 8 frequencies per axis
+    offset = sum(h * w for h, w in TEMPLATES[1.0][:9])  # stage 10: 32x32 of a 64x64 grid
+    last = sum(h * w for h, w in TEMPLATES[1.0][:12])  # stage 13: 64x64
+    assert torch.equal(table[:, offset + 32 + 3], table[:, last + 2 * 64 + 6])  # token (1, 3) sits at (2, 6)
+
+
+def test_inspect_lists_exactly_the_saved_entries(files, tmp_path, capsys):
+    config = tmp_path / "infinity.yaml"
+    config.write_text(yaml.safe_dump({"model": files.model_dump(exclude_none=True)}))
+    assert inspect.main(["--config", str(config)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    saved = torch.load(files.transformer, weights_only=True)
+    assert {line.split()[1] for line in listed if line.startswith("transformer ")} == set(saved)
+    assert inspect.main(["--config", str(config), "--checkpoint", files.transformer]) == 0
+    assert inspect.main(["--config", str(config), "--checkpoint", files.vae, "--component", "vae"]) == 0
+    assert inspect.main(["--config", str(config), "--checkpoint", files.vae]) == 1  # the VAE is no transformer
+    assert len(expected_entries(files)["vae"]) == len(torch.load(files.vae, weights_only=True)["vae"])
+
+
+def test_missing_truncated_and_mismatched_checkpoints_fail_before_generation(files, tmp_path):
+    sampling = SamplingConfig()
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_backend(files.model_copy(update={"transformer": str(tmp_path / "nowhere.pth")}), sampling, "cpu")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(Path(files.transformer).read_bytes()[:5000])
+    with pytest.raises(CheckpointMismatch, match="truncated.pth") as error:
+        build_backend(files.model_copy(update={"transformer": str(truncated)}), sampling, "cpu")
+    assert "not truncated" in str(error.value)
+    with pytest.raises(CheckpointMismatch, match="infinity.pth does not hold") as error:
+        build_backend(files.model_copy(update={"dim": 128}), sampling, "cpu")
+    assert "mis-shaped pos_start: expected 1x1x128, found 1x1x64" in str(error.value)
+    with pytest.raises(CheckpointMismatch, match="no 'vae' entry"):
+        build_backend(files.model_copy(update={"vae": files.transformer}), sampling, "cpu")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_backend(files.model_copy(update={"text_encoder": str(tmp_path)}), sampling, "cpu")
+
+
+def test_gpu_bench_smoke_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infinity_bench", Path(__file__).parents[1] / "scripts/gpu/"
+                                                  "infinity_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--small", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1"]) == 0
