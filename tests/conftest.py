@@ -3,6 +3,12 @@
 import os
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# A ~/.ray/auth_token left by an earlier ray.init() would make `ray start` demand tokens from every client.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,14 +34,33 @@ def fast_overrides() -> tuple[str, ...]:
     return FAST_OVERRIDES
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # GCS address, for ray.init and RAY_ADDRESS
+    dashboard: str  # job submission address, for `ray job submit`
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local two-CPU Ray cluster shared by every test that asks for it (start-up costs seconds)."""
+    """A two-CPU head node on 127.0.0.1, started with `ray start` as on a real cluster, shared by every test
+    that asks for it (start-up costs seconds); the test process joins it as a driver."""
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)  # always a fresh local cluster, never the developer's own
-    ray.init(num_cpus=2, include_dashboard=False)
+    os.environ.pop("RAY_ADDRESS", None)  # never the developer's own cluster
+    port, dashboard_port = _free_port(), _free_port()
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
     try:
-        yield ray
+        ray.init(address=cluster.address)
+        yield cluster
     finally:
         ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
