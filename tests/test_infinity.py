@@ -1,5 +1,6 @@
 """The Infinity backend on tiny random-weight checkpoints saved in the official layout and loaded like the real ones."""
 
+import json
 import math
 from pathlib import Path
 
@@ -62,6 +63,21 @@ def test_same_seed_same_image_and_sparse_differs_from_dense(backend):
     once, again = generate(backend, REQUESTS, SPARSE), generate(backend, REQUESTS, SPARSE)
     assert pixels(once) == pixels(again)
     assert pixels(once) != pixels(generate(backend, REQUESTS, SPARSE.model_copy(update={"enabled": False})))
+
+
+def test_a_folder_of_safetensors_shards_loads_like_the_single_file(files, backend, tmp_path):
+    """The 8B release is a folder of shards with an index; the same weights must give the same images."""
+    from safetensors.torch import save_file
+
+    state = torch.load(files.transformer, weights_only=True)
+    keys = list(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        save_file({k: state[k].contiguous() for k in part}, str(tmp_path / f"model-{i}.safetensors"))
+        weight_map.update({k: f"model-{i}.safetensors" for k in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    sharded = build_backend(files.model_copy(update={"transformer": str(tmp_path)}), SamplingConfig(cfg=3.0), "cpu")
+    assert pixels(generate(sharded, REQUESTS, SPARSE)) == pixels(generate(backend, REQUESTS, SPARSE))
 
 
 def test_patchified_tokens_and_other_aspect_ratios(tmp_path):

@@ -22,6 +22,7 @@ from sparsevar.backends import build_backend
 from sparsevar.config import SparseVARConfig
 from sparsevar.flops import flops_ratio
 from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate
+from storage.checkpoints import localize_checkpoints
 from workflows.config import ConfigError, load_config
 
 PROMPTS = ["a red circle on a blue gradient", "a green striped square", "two yellow triangles",
@@ -69,7 +70,7 @@ def settings(sv: SparseVARConfig, taus: list[float], kept: list[float]) -> list[
 
 def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: list[float], repeats: int):
     torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
-    backend = build_backend(cfg.model, cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
+    backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
     rows = []
     for B in batch_sizes:
         dense_ms = None

@@ -144,7 +144,9 @@ class Block(nn.Module):
     def forward(self, x_RnC, cond_R16C, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_R16C).unbind(2)
         x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * (scale1 + 1) + shift1, rope_2Rnd, cache, valid_Rn) * gamma1
-        x_RnC = x_RnC + self.ca.attend(self.ca_norm(x_RnC), text_kv, text_mask).float()
+        norm = self.ca_norm  # in float32 whatever the block's dtype, as CUDA autocast does it
+        x_ca = F.layer_norm(x_RnC.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        x_RnC = x_RnC + self.ca.attend(x_ca, text_kv, text_mask).float()
         return x_RnC + self.ffn(layer_norm(x_RnC) * (scale2 + 1) + shift2) * gamma2
 
 
