@@ -13,13 +13,15 @@ import torch
 from pydantic import Field
 
 from sparsevar.backend import Backend
+from sparsevar.backends.hart.config import HartConfig
 from sparsevar.backends.infinity.config import InfinityConfig
 from sparsevar.backends.tiny.config import TinyConfig
 from sparsevar.config import SamplingConfig
 
-ModelConfig = Annotated[TinyConfig | InfinityConfig, Field(discriminator="backend")]
+ModelConfig = Annotated[TinyConfig | InfinityConfig | HartConfig, Field(discriminator="backend")]
 
-_BACKENDS = {"tiny": "sparsevar.backends.tiny.backend", "infinity": "sparsevar.backends.infinity.backend"}
+_BACKENDS = {"tiny": "sparsevar.backends.tiny.backend", "infinity": "sparsevar.backends.infinity.backend",
+             "hart": "sparsevar.backends.hart.backend"}
 
 
 def _module(model: ModelConfig):

@@ -1,0 +1,212 @@
+"""The `hart` backend: HART-0.7B's inference path behind the shared generation loop.
+
+Stage 1 runs the prompt's context tokens (its prediction is the last context position's); stages 2..S run the
+area-downsampled running sum f_hat, embedded. Discrete stages add Phi(bicubic(embedding)) to f_hat. The last
+stage's prediction carries the logits and the hidden state side by side, (R, n, V + C): `sample` draws the
+codes, then the diffusion head adds each token's continuous residual, and the tokens join f_hat without Phi.
+
+SparseVAR: with `fill: code` (HART's config) the loop samples only kept tokens, so the diffusion head runs only
+for them and excluded tokens copy their anchor's whole token, residual included. With `fill: logits` the loop
+fills predictions first and the head runs for every token of the last stage.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsevar.attention import KVCache
+from sparsevar.backends.hart import folders
+from sparsevar.backends.hart.config import HartConfig
+from sparsevar.backends.hart.diffusion import ResidualSampler
+from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
+from sparsevar.backends.hart.rope import rope_1d, rope_2d, take
+from sparsevar.backends.hart.sampling import normals, sample_embeddings, stage_ratio
+from sparsevar.backends.hart.text import QwenTextEncoder
+from sparsevar.backends.hart.tokenizer import TRAINING_ONLY, HybridTokenizer
+from sparsevar.backends.hart.transformer import HartTransformer
+from sparsevar.config import SamplingConfig
+from sparsevar.state_dicts import check_entries, read_state_dict
+
+LLM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class HartState:
+    """One generation in flight; rows are the images' conditional rows, then their unconditional rows."""
+
+    batch: int
+    branches: int
+    schedule: list[tuple[int, int]]
+    x1_RTC: torch.Tensor  # stage 1's embedded context tokens
+    cond_R1C: torch.Tensor  # AdaLN condition: the context embedding max-pooled over its tokens
+    context_pos_RT: torch.Tensor
+    caches: list[KVCache]
+    f_hat_BCHW: torch.Tensor
+
+
+def _entries(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_transformer(cfg: HartConfig, arch: TransformerArch, tok: TokenizerArch) -> HartTransformer:
+    """The official llm weights, checked entry by entry and loaded strictly (training buffers included, then
+    freed)."""
+    path = folders.weights_file(folders.check_local(cfg.llm, "llm"), ("ema_model.bin",) if cfg.ema else LLM_WEIGHTS,
+                                "llm")
+    state = read_state_dict(str(path))
+    with torch.device("meta"):
+        model = HartTransformer(arch, tok)
+    check_entries(_entries(model), state, str(path), "HART transformer (llm)")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.drop_training_buffers()
+    return model
+
+
+def load_tokenizer(cfg: HartConfig, tok: TokenizerArch) -> HybridTokenizer:
+    """The tokenizer's inference entries, checked and loaded strictly; its training-only entries are left out by
+    name."""
+    path = folders.weights_file(folders.check_local(cfg.tokenizer, "tokenizer"), TOKENIZER_WEIGHTS, "tokenizer")
+    state = {k: v for k, v in read_state_dict(str(path)).items() if not k.startswith(TRAINING_ONLY)}
+    with torch.device("meta"):
+        model = HybridTokenizer(tok)
+    check_entries(_entries(model), state, str(path), "HART tokenizer")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+class HartBackend:
+    name = "hart"
+
+    def __init__(self, cfg: HartConfig, sampling: SamplingConfig, device: torch.device, dtype=torch.float32):
+        self.cfg, self.sampling, self.device, self.dtype = cfg, sampling, device, dtype
+        self.arch, self.tok = folders.archs(cfg.llm, cfg.tokenizer)
+        self.text = QwenTextEncoder(folders.check_local(cfg.text_encoder, "text_encoder"), self.arch.context_token,
+                                    cfg.system_prompt, device, dtype)
+        if self.text.width != self.arch.context_dim:
+            raise ValueError(f"the text encoder's hidden size {self.text.width} is not the llm's context_dim "
+                             f"{self.arch.context_dim}: model.text_encoder and model.llm do not belong together")
+        self.model = load_transformer(cfg, self.arch, self.tok).to(device=device, dtype=dtype).eval()
+        self.model.head_nm.float()  # logits in float32: the official sampler sees them at least at fp16
+        self.model.head.float()
+        self.tokenizer = load_tokenizer(cfg, self.tok).to(device=device, dtype=dtype).eval()
+        self.diffusion = ResidualSampler(self.arch.num_sampling_steps)
+        self.depth, self.dim = self.arch.depth, self.arch.embed_dim
+        self.block_params = sum(p.numel() for p in self.model.blocks[0].parameters())
+
+    def schedule(self, h_div_w: float) -> list[tuple[int, int]]:
+        if abs(h_div_w - 1.0) > 1e-6:
+            raise ValueError(f"HART-0.7B generates square images only; got h_div_w={h_div_w}")
+        return [(p, p) for p in self.arch.patch_nums]
+
+    def branches(self, state: HartState) -> int:
+        return state.branches
+
+    @torch.no_grad()
+    def begin(self, prompts: list[str], negative_prompts: list[str | None], h_div_w: float) -> HartState:
+        """Encode the prompts; the unconditional rows are zeros at position 0 unless a negative prompt is given."""
+        B, schedule = len(prompts), self.schedule(h_div_w)
+        context_BTC, pos_BT = self.text(prompts)
+        guided = self.sampling.cfg != 0.0 or any(negative_prompts)
+        if guided:
+            uncond_BTC, uncond_pos_BT = torch.zeros_like(context_BTC), torch.zeros_like(pos_BT)
+            if any(negative_prompts):
+                neg_BTC, neg_pos_BT = self.text([n or "" for n in negative_prompts])
+                has_neg_B = torch.tensor([bool(n) for n in negative_prompts], device=self.device)
+                uncond_BTC = torch.where(has_neg_B[:, None, None], neg_BTC, uncond_BTC)
+                uncond_pos_BT = torch.where(has_neg_B[:, None], neg_pos_BT, uncond_pos_BT)
+            context_BTC, pos_BT = torch.cat([context_BTC, uncond_BTC]), torch.cat([pos_BT, uncond_pos_BT])
+        branches = 2 if guided else 1
+        sos_RTC = self.model.embed_context(context_BTC.to(self.dtype))
+        capacity = self.arch.total_tokens
+        caches = [KVCache(branches * B, self.arch.num_heads, capacity, self.arch.head_dim, self.device, self.dtype)
+                  for _ in range(self.depth)]
+        last = schedule[-1][0]
+        f_hat = torch.zeros(B, self.tok.z_channels, last, last, device=self.device)
+        return HartState(B, branches, schedule, sos_RTC + self.model.lvl_embed.weight[0],
+                         sos_RTC.max(dim=1, keepdim=True).values, pos_BT, caches, f_hat)
+
+    def stage_input(self, state: HartState, stage: int) -> torch.Tensor:
+        """Stage 1: the embedded context tokens (R, T, C). Later stages: f_hat at the stage's size (R, h*w, Cvae)."""
+        if stage == 1:
+            return state.x1_RTC
+        h, w = state.schedule[stage - 1]
+        x_BLC = F.interpolate(state.f_hat_BCHW, size=(h, w), mode="area").flatten(2).transpose(1, 2)
+        return x_BLC.repeat(state.branches, 1, 1)
+
+    @torch.no_grad()
+    def forward(self, state, x_RnC, stage, positions_Rn, valid_Rn, capture_block):
+        m, hd = self.model, self.arch.head_dim
+        if stage == 1:  # the context, with 1-D RoPE; the last position predicts the 1x1 map
+            h_RTC, io = m(x_RnC, state.cond_R1C, rope_1d(state.context_pos_RT, hd), state.caches, None,
+                          capture_block)
+            # Logits of every context token, then the last: the official products, so equal bytes on a CPU.
+            io = None if io is None else (io[0][:, -1:], io[1][:, -1:])
+            return m.logits(h_RTC.float(), state.cond_R1C.float())[:, -1:], io
+        pn = state.schedule[stage - 1][0]
+        x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]
+        cos_sin = take(rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd), positions_Rn)
+        h_RnC, io = m(x_RnC, state.cond_R1C, cos_sin, state.caches, valid_Rn, capture_block)
+        logits_RnV = m.logits(h_RnC.float(), state.cond_R1C.float())
+        if stage < len(state.schedule):
+            return logits_RnV, io
+        return torch.cat([logits_RnV, h_RnC.float()], dim=-1), io
+
+    @torch.no_grad()
+    def sample(self, state, pred_RnV, stage, generators, positions_Bn):
+        S, V = len(state.schedule), self.tok.vocab_size
+        h, w = state.schedule[stage - 1]
+        idx_Bn, emb_BnC = sample_embeddings(pred_RnV[..., :V], state.branches, stage - 1, S, h * w, self.sampling,
+                                            self.cfg.more_smooth, self.tokenizer.codebook, generators, positions_Bn)
+        if stage < S:
+            return emb_BnC
+        return emb_BnC + self._residuals(state, pred_RnV[..., V:], idx_Bn, generators, positions_Bn, h * w)
+
+    def _residuals(self, state, hidden_RnC, idx_Bn, generators, positions_Bn, tokens) -> torch.Tensor:
+        """The diffusion head's continuous residuals (B, n, Cvae) for the sampled tokens."""
+        m, B, n = self.model, state.batch, idx_Bn.shape[1]
+        discrete_BnC = m.word_embed(self.tokenizer.codebook[idx_Bn])
+        z_RnC = m.decoder_norm(hidden_RnC.to(self.dtype) + discrete_BnC.repeat(state.branches, 1, 1))
+        Cvae = self.tok.z_channels
+        z_Xc = z_RnC.reshape(state.branches * B * n, -1)  # rows: cond (image-major), then uncond
+
+        def noise() -> torch.Tensor:
+            return normals(generators, tokens, Cvae, positions_Bn, self.device).reshape(B * n, Cvae)
+
+        t = self.sampling.cfg * stage_ratio(len(state.schedule) - 1, len(state.schedule))
+        return self.diffusion.sample(m.diffloss.net, z_Xc, state.branches, t, noise).reshape(B, n, Cvae)
+
+    def accumulate(self, state: HartState, tokens_BLC: torch.Tensor, stage: int) -> None:
+        h, w = state.schedule[stage - 1]
+        h_BChw = tokens_BLC.float().transpose(1, 2).reshape(state.batch, -1, h, w)
+        S = len(state.schedule)
+        if stage < S:
+            h_BChw = self.tokenizer.refine(h_BChw.to(self.dtype), stage - 1, S, state.schedule[-1][0]).float()
+        state.f_hat_BCHW += h_BChw
+
+    @torch.no_grad()
+    def decode(self, state: HartState) -> np.ndarray:
+        # Image by image: convolution algorithms depend on the batch size, an image's bytes must not.
+        images = []
+        for f_1CHW in state.f_hat_BCHW.split(1):
+            rgb = self.tokenizer.decode(f_1CHW.to(self.dtype)).float()
+            images.append(rgb.add(1).mul(0.5).mul(255).to(torch.uint8).permute(0, 2, 3, 1))  # truncates, as official
+        return torch.cat(images).cpu().numpy()
+
+
+def build(cfg: HartConfig, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype) -> HartBackend:
+    return HartBackend(cfg, sampling, device, dtype)
+
+
+def expected_entries(cfg: HartConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """What llm/ema_model.bin (transformer and diffusion head) and the tokenizer weights must hold.
+
+    Sizes come from the folders' config.json when they are local, else from HART-0.7B's.
+    """
+    local = all("://" not in p and Path(p).expanduser().is_dir() for p in (cfg.llm, cfg.tokenizer))
+    arch, tok = folders.archs(cfg.llm, cfg.tokenizer) if local else (TransformerArch(), TokenizerArch())
+    with torch.device("meta"):
+        return {"llm": _entries(HartTransformer(arch, tok)), "tokenizer": _entries(HybridTokenizer(tok))}

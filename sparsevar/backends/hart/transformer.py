@@ -1,0 +1,136 @@
+"""HART's transformer (llama-style blocks with AdaLN), under the parameter names of the official
+`HARTForT2I` state dict so that `ema_model.bin` loads with strict=True.
+
+Attention l2-normalises q and k, scales q by exp(min(scale_mul, ln 100)) and uses softmax scale 1; RoPE is
+applied after the normalisation. Every block reads one AdaLN condition: the context embedding max-pooled over
+all context tokens. Keys and values go through the shared `KVCache`, so only tokens that ran are attended to.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsevar.attention import KVCache
+from sparsevar.backends.hart.diffusion import DiffusionHead
+from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
+from sparsevar.backends.hart.rope import apply_rope
+
+MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()
+TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # in the official files, unused by inference
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) in float32, cast back, times the weight: the official fused kernel's result."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.scale_mul_1H11 = nn.Parameter(torch.zeros(1, heads, 1, 1))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn) -> torch.Tensor:
+        R, n, C = x_RnC.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x_RnC, self.qkv_proj.weight, bias).view(R, n, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+        k = F.normalize(k, dim=-1)
+        keys, values, mask = cache.extend(apply_rope(k, cos_sin_2RnD), v, valid_Rn)
+        out = F.scaled_dot_product_attention(apply_rope(q, cos_sin_2RnD), keys, values, attn_mask=mask, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, arch: TransformerArch) -> None:
+        super().__init__()
+        C = arch.embed_dim
+        self.attn = Attention(C, arch.num_heads)
+        self.ffn = MLP(C, arch.mlp_hidden)
+        self.ln_wo_grad = RMSNorm(C, arch.norm_eps)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def forward(self, x_RnC, cond_R1C, cos_sin_2RnD, cache, valid_Rn) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_R1C).chunk(6, dim=-1)
+        x_RnC = x_RnC + self.attn(self.ln_wo_grad(x_RnC) * (scale1 + 1) + shift1, cos_sin_2RnD, cache,
+                                  valid_Rn) * gamma1
+        return x_RnC + self.ffn(self.ln_wo_grad(x_RnC) * (scale2 + 1) + shift2) * gamma2
+
+
+class HeadNorm(nn.Module):
+    """AdaLN before the logits head."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.ln_wo_grad = RMSNorm(dim, eps)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_R1C).chunk(2, dim=-1)
+        return self.ln_wo_grad(x_RnC) * (scale + 1) + shift
+
+
+class HartTransformer(nn.Module):
+    """Everything `llm/ema_model.bin` holds: embeddings, blocks, logits head, the diffusion head and its norm."""
+
+    def __init__(self, arch: TransformerArch, tok: TokenizerArch) -> None:
+        super().__init__()
+        C = arch.embed_dim
+        self.context_embed = nn.Linear(arch.context_dim, C)
+        self.context_norm = RMSNorm(arch.context_dim, arch.norm_eps) if arch.use_context_norm else nn.Identity()
+        self.lvl_embed = nn.Embedding(len(arch.patch_nums), C)
+        self.word_embed = nn.Linear(tok.z_channels, C)
+        self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.depth))
+        self.head_nm = HeadNorm(C, arch.norm_eps)
+        self.head = nn.Linear(C, tok.vocab_size)
+        self.decoder_norm = RMSNorm(C, arch.norm_eps)
+        self.diffloss = DiffusionHead(tok.z_channels, C, arch.diff_width, arch.diff_depth)
+        n = arch.total_tokens
+        self.register_buffer("lvl_1L", torch.zeros(1, n, dtype=torch.long))
+        self.register_buffer("attn_bias_for_masking", torch.zeros(1, 1, n, n))
+
+    def drop_training_buffers(self) -> None:
+        """Free the block-causal training mask (n² floats) once a checkpoint has been checked against it."""
+        for name in TRAINING_BUFFERS:
+            delattr(self, name)
+
+    def embed_context(self, context_RTC: torch.Tensor) -> torch.Tensor:
+        return self.context_embed(self.context_norm(context_RTC))
+
+    def forward(self, x_RnC, cond_R1C, cos_sin_2RnD, caches: list[KVCache], valid_Rn, capture_block: int | None):
+        """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s (in, out)."""
+        block_io = None
+        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
+            x_in = x_RnC
+            x_RnC = block(x_RnC, cond_R1C, cos_sin_2RnD, cache, valid_Rn)
+            if i == capture_block:
+                block_io = (x_in, x_RnC)
+        return x_RnC, block_io
+
+    def logits(self, h_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_nm(h_RnC, cond_R1C)).float()
