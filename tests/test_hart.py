@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparsevar.backends import build_backend, expected_entries
-from sparsevar.backends.hart.backend import HartBackend
+from sparsevar.backends.hart.backend import HartBackend, build, load_parts
 from sparsevar.backends.hart.config import HartConfig
 from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
 from sparsevar.backends.hart.testing import TextArch, write_folders
@@ -27,6 +27,7 @@ SPARSE = SparseVARConfig(tau=0.5, start_stage=4, score_block=2, anchor_grid=2, f
 DENSE = SparseVARConfig(enabled=False)
 SAMPLING = SamplingConfig(cfg=4.5, top_p=1.0)
 REQUESTS = [Request("a red cat on a sofa", 1), Request("a lighthouse at dusk", 2, "blurry")]
+CPU = torch.device("cpu")
 
 
 class RecordingHartBackend(HartBackend):
@@ -49,7 +50,7 @@ def cfg(folders) -> HartConfig:
 
 @pytest.fixture(scope="module")
 def backend(cfg) -> RecordingHartBackend:
-    return RecordingHartBackend(cfg, SAMPLING, torch.device("cpu"))
+    return RecordingHartBackend(cfg, SAMPLING, load_parts(cfg, CPU, torch.float32), CPU)
 
 
 def pixels(results) -> list[bytes]:
@@ -106,7 +107,7 @@ def test_sparse_run_differs_from_dense(backend):
 
 
 def test_guidance_off_runs_one_branch(cfg):
-    b = HartBackend(cfg, SamplingConfig(cfg=0.0, top_p=1.0), torch.device("cpu"))
+    b = build(cfg, SamplingConfig(cfg=0.0, top_p=1.0), CPU, torch.float32)
     assert b.branches(b.begin(["a cat"], [None], 1.0)) == 1
     assert generate(b, REQUESTS[:1], SPARSE)[0].pixels_HWC.shape[-1] == 3
 
@@ -118,22 +119,22 @@ def test_non_square_images_are_refused(backend):
 
 def test_clear_errors_for_missing_folders_files_and_other_architectures(cfg, folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="model.llm"):
-        HartBackend(cfg.model_copy(update={"llm": str(tmp_path / "nowhere")}), SAMPLING, torch.device("cpu"))
+        build(cfg.model_copy(update={"llm": str(tmp_path / "nowhere")}), SAMPLING, CPU, torch.float32)
     llm = tmp_path / "llm"
     shutil.copytree(folders.llm, llm)
     (llm / "ema_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="ema_model.bin"):
-        HartBackend(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, torch.device("cpu"))
+        build(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, CPU, torch.float32)
     config = json.loads((llm / "config.json").read_text())
     (llm / "config.json").write_text(json.dumps({**config, "attn_type": "gpt2"}))
     with pytest.raises(ValueError, match="attn_type='gpt2'"):
-        HartBackend(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, torch.device("cpu"))
+        build(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, CPU, torch.float32)
     (llm / "config.json").write_text(json.dumps({**config, "depth": ARCH.depth + 1}))
     shutil.copy(folders.llm / "ema_model.bin", llm / "ema_model.bin")
     with pytest.raises(ValueError, match="blocks.4"):
-        HartBackend(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, torch.device("cpu"))
+        build(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, CPU, torch.float32)
     with pytest.raises(ValueError, match="URI"):
-        HartBackend(cfg.model_copy(update={"tokenizer": "s3://bucket/tokenizer"}), SAMPLING, torch.device("cpu"))
+        build(cfg.model_copy(update={"tokenizer": "s3://bucket/tokenizer"}), SAMPLING, CPU, torch.float32)
 
 
 def test_inspect_lists_the_entries_of_the_saved_files(cfg, folders, tmp_path, capsys):
@@ -187,7 +188,7 @@ def test_folders_from_s3_are_fetched_once_into_the_cache_and_load(cfg, folders, 
                                                                                        "text_encoder")})
         local = localize_checkpoints(remote, str(tmp_path / "cache"), endpoint)
         assert all(getattr(local, role).startswith(str(tmp_path / "cache")) for role in ("llm", "text_encoder"))
-        fetched = HartBackend(local, SAMPLING, torch.device("cpu"))
+        fetched = build(local, SAMPLING, CPU, torch.float32)
         assert pixels(generate(fetched, REQUESTS[:1], DENSE)) == pixels(generate(backend, REQUESTS[:1], DENSE))
     finally:
         server.stop()

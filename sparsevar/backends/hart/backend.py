@@ -48,6 +48,17 @@ class HartState:
     f_hat_BCHW: torch.Tensor
 
 
+@dataclass
+class HartParts:
+    """The loaded components and the sizes they were built with."""
+
+    arch: TransformerArch
+    tok: TokenizerArch
+    transformer: HartTransformer
+    tokenizer: HybridTokenizer
+    text: QwenTextEncoder
+
+
 def _entries(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
@@ -78,21 +89,28 @@ def load_tokenizer(cfg: HartConfig, tok: TokenizerArch) -> HybridTokenizer:
     return model
 
 
+def load_parts(cfg: HartConfig, device: torch.device, dtype: torch.dtype) -> HartParts:
+    """Read and check the three local folders; raises naming the folder, file or entry at fault."""
+    arch, tok = folders.archs(cfg.llm, cfg.tokenizer)
+    text = QwenTextEncoder.load(folders.check_local(cfg.text_encoder, "text_encoder"), arch.context_token,
+                                cfg.system_prompt, device, dtype)
+    return HartParts(arch, tok, load_transformer(cfg, arch, tok), load_tokenizer(cfg, tok), text)
+
+
 class HartBackend:
     name = "hart"
 
-    def __init__(self, cfg: HartConfig, sampling: SamplingConfig, device: torch.device, dtype=torch.float32):
+    def __init__(self, cfg: HartConfig, sampling: SamplingConfig, parts: HartParts, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.cfg, self.sampling, self.device, self.dtype = cfg, sampling, device, dtype
-        self.arch, self.tok = folders.archs(cfg.llm, cfg.tokenizer)
-        self.text = QwenTextEncoder(folders.check_local(cfg.text_encoder, "text_encoder"), self.arch.context_token,
-                                    cfg.system_prompt, device, dtype)
+        self.arch, self.tok, self.text = parts.arch, parts.tok, parts.text
         if self.text.width != self.arch.context_dim:
             raise ValueError(f"the text encoder's hidden size {self.text.width} is not the llm's context_dim "
                              f"{self.arch.context_dim}: model.text_encoder and model.llm do not belong together")
-        self.model = load_transformer(cfg, self.arch, self.tok).to(device=device, dtype=dtype).eval()
+        self.model = parts.transformer.to(device=device, dtype=dtype).eval()
         self.model.head_nm.float()  # logits in float32: the official sampler sees them at least at fp16
         self.model.head.float()
-        self.tokenizer = load_tokenizer(cfg, self.tok).to(device=device, dtype=dtype).eval()
+        self.tokenizer = parts.tokenizer.to(device=device, dtype=dtype).eval()
         self.diffusion = ResidualSampler(self.arch.num_sampling_steps)
         self.depth, self.dim = self.arch.depth, self.arch.embed_dim
         self.block_params = sum(p.numel() for p in self.model.blocks[0].parameters())
@@ -198,7 +216,7 @@ class HartBackend:
 
 
 def build(cfg: HartConfig, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype) -> HartBackend:
-    return HartBackend(cfg, sampling, device, dtype)
+    return HartBackend(cfg, sampling, load_parts(cfg, device, dtype), device, dtype)
 
 
 def expected_entries(cfg: HartConfig) -> dict[str, dict[str, tuple[int, ...]]]:

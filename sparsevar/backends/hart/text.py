@@ -26,20 +26,27 @@ User Prompt:
 
 
 class QwenTextEncoder:
-    def __init__(self, folder: Path, tokens: int, system_prompt: bool, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModel, AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval().requires_grad_(False)
-        except OSError as exc:
-            raise FileNotFoundError(f"cannot load the Qwen2 text encoder from {folder} (model.text_encoder): "
-                                    f"{exc}") from None
+    def __init__(self, tokenizer, model, tokens: int, system_prompt: bool, device: torch.device) -> None:
+        """`tokenizer` and `model`: a transformers tokenizer and Qwen2 model (already on `device`)."""
+        self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
         self.tokens, self.device = tokens, device
         self.system_ids = None
         if system_prompt:
-            self.system_ids = self.tokenizer(SYSTEM_PROMPT, return_tensors="pt", max_length=tokens,
-                                             truncation=True).input_ids.to(device)
+            self.system_ids = tokenizer(SYSTEM_PROMPT, return_tensors="pt", max_length=tokens,
+                                        truncation=True).input_ids.to(device)
+
+    @classmethod
+    def load(cls, folder: Path, tokens: int, system_prompt: bool, device: torch.device,
+             dtype: torch.dtype) -> "QwenTextEncoder":
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModel.from_pretrained(folder, dtype=dtype).to(device)
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot load the Qwen2 text encoder from {folder} (model.text_encoder): "
+                                    f"{exc}") from None
+        return cls(tokenizer, model, tokens, system_prompt, device)
 
     @property
     def width(self) -> int:
