@@ -16,6 +16,7 @@ from sparsevar.config import SamplingConfig, SparseVARConfig
 from sparsevar.generate import Request, generate
 from sparsevar.state_dicts import CheckpointMismatch
 from workflows import inspect
+from workflows.config import load_config
 
 SPARSE = SparseVARConfig(tau=0.5, start_stage=5, score_block=2, anchor_grid=4)  # stages 5-7 of 7 may be sparse
 REQUESTS = [Request("a red cat on a sofa", 1), Request("mountains at dawn", 2, "blurry, dark")]
@@ -88,6 +89,15 @@ def test_patchified_tokens_and_other_aspect_ratios(tmp_path):
     dense = generate(backend, requests, SPARSE.model_copy(update={"enabled": False}))
     assert dense[0].pixels_HWC.shape == (80, 60, 3)  # 20x15 tokens of 2x2 latents, 2x upsampled
     assert pixels(generate(backend, requests, SPARSE.model_copy(update={"tau": 0.0}))) == pixels(dense)
+
+
+@pytest.mark.parametrize("name, counts, word_embed, head", [
+    ("infinity-2b", (694, 270), (2048, 32), (64, 2048)), ("infinity-8b", (862, 226), (3584, 56), (112, 3584))])
+def test_released_configs_expect_the_official_layout(name, counts, word_embed, head):
+    """Entry counts and shapes of the official 2B/8B models (checked against the official code's state dicts)."""
+    entries = expected_entries(load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml").model)
+    assert (len(entries["transformer"]), len(entries["vae"])) == counts
+    assert entries["transformer"]["word_embed.weight"] == word_embed and entries["transformer"]["head.weight"] == head
 
 
 def test_schedules_follow_the_official_templates():
