@@ -4,6 +4,7 @@ loader: SparseVAR invariants through the shared loop, the diffusion head's spars
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,22 +13,19 @@ import torch
 from sparsevar.backends import build_backend, expected_entries
 from sparsevar.backends.hart.backend import HartBackend, build, load_parts
 from sparsevar.backends.hart.config import HartConfig
-from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
-from sparsevar.backends.hart.testing import TextArch, write_folders
+from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, write_folders
 from sparsevar.backends.hart.tokenizer import TRAINING_ONLY
 from sparsevar.config import SamplingConfig, SparseVARConfig
 from sparsevar.generate import Request, generate
 from workflows import inspect
 
-ARCH = TransformerArch(context_token=16, context_dim=32, embed_dim=64, depth=4, num_heads=4,
-                       patch_nums=(1, 2, 3, 4, 6, 8), use_context_norm=True, diff_width=32, diff_depth=2,
-                       num_sampling_steps="4")
-TOK = TokenizerArch(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2))
+ARCH, TOK = TINY_ARCH, TINY_TOK
 SPARSE = SparseVARConfig(tau=0.5, start_stage=4, score_block=2, anchor_grid=2, fill="code")
 DENSE = SparseVARConfig(enabled=False)
 SAMPLING = SamplingConfig(cfg=4.5, top_p=1.0)
 REQUESTS = [Request("a red cat on a sofa", 1), Request("a lighthouse at dusk", 2, "blurry")]
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RecordingHartBackend(HartBackend):
@@ -156,11 +154,22 @@ def test_inspect_lists_the_entries_of_the_saved_files(cfg, folders, tmp_path, ca
     assert inspect.main(["--config", str(config), "--checkpoint", str(folders.llm / "ema_model.bin")]) == 0
 
 
-def test_inspect_without_the_folders_lists_hart_0_7b(cfg):
-    entries = expected_entries(cfg.model_copy(update={"llm": "s3://models/hart/llm", "tokenizer": "/nowhere"}))
-    assert entries["llm"]["blocks.15.ffn.gate_proj.weight"] == (4096, 1536)
-    assert entries["llm"]["head.weight"] == (4096, 1536)
-    assert entries["tokenizer"]["vae.quantize.embedding.weight"] == (4096, 32)
+def test_inspect_lists_hart_0_7b_for_the_shipped_config_without_its_folders(capsys):
+    assert inspect.main(["--config", str(REPO / "configs/hart-0.7b.yaml")]) == 0
+    listed = dict(line.rsplit(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert listed["llm blocks.15.ffn.gate_proj.weight"] == "4096x1536"
+    assert listed["llm diffloss.net.res_blocks.5.mlp.0.weight"] == "1024x1024"
+    assert listed["tokenizer vae.quantize.embedding.weight"] == "4096x32"
+
+
+def test_gpu_bench_smoke_run_on_cpu(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hart_bench", REPO / "scripts/gpu/hart_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--small", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1"]) == 0
+    assert "speed-up" in capsys.readouterr().out
 
 
 def test_folders_from_s3_are_fetched_once_into_the_cache_and_load(cfg, folders, backend, tmp_path, monkeypatch):

@@ -30,8 +30,7 @@ from sparsevar.backends.hart.transformer import HartTransformer
 from sparsevar.config import SamplingConfig
 from sparsevar.state_dicts import check_entries, read_state_dict
 
-LLM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes
 
 
 @dataclass
@@ -66,7 +65,7 @@ def _entries(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def load_transformer(cfg: HartConfig, arch: TransformerArch, tok: TokenizerArch) -> HartTransformer:
     """The official llm weights, checked entry by entry and loaded strictly (training buffers included, then
     freed)."""
-    path = folders.weights_file(folders.check_local(cfg.llm, "llm"), ("ema_model.bin",) if cfg.ema else LLM_WEIGHTS,
+    path = folders.weights_file(folders.check_local(cfg.llm, "llm"), ("ema_model.bin",) if cfg.ema else HF_WEIGHTS,
                                 "llm")
     state = read_state_dict(str(path))
     with torch.device("meta"):
@@ -80,7 +79,7 @@ def load_transformer(cfg: HartConfig, arch: TransformerArch, tok: TokenizerArch)
 def load_tokenizer(cfg: HartConfig, tok: TokenizerArch) -> HybridTokenizer:
     """The tokenizer's inference entries, checked and loaded strictly; its training-only entries are left out by
     name."""
-    path = folders.weights_file(folders.check_local(cfg.tokenizer, "tokenizer"), TOKENIZER_WEIGHTS, "tokenizer")
+    path = folders.weights_file(folders.check_local(cfg.tokenizer, "tokenizer"), HF_WEIGHTS, "tokenizer")
     state = {k: v for k, v in read_state_dict(str(path)).items() if not k.startswith(TRAINING_ONLY)}
     with torch.device("meta"):
         model = HybridTokenizer(tok)
@@ -107,10 +106,13 @@ class HartBackend:
         if self.text.width != self.arch.context_dim:
             raise ValueError(f"the text encoder's hidden size {self.text.width} is not the llm's context_dim "
                              f"{self.arch.context_dim}: model.text_encoder and model.llm do not belong together")
-        self.model = parts.transformer.to(device=device, dtype=dtype).eval()
-        self.model.head_nm.float()  # logits in float32: the official sampler sees them at least at fp16
+        self.model = parts.transformer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer = parts.tokenizer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # float32 where precision is cheap and matters: the logits (the official sampler sees them at least at
+        # fp16), and the codebook and Phi convolutions that build f_hat.
+        self.model.head_nm.float()
         self.model.head.float()
-        self.tokenizer = parts.tokenizer.to(device=device, dtype=dtype).eval()
+        self.tokenizer.vae.quantize.float()
         self.diffusion = ResidualSampler(self.arch.num_sampling_steps)
         self.depth, self.dim = self.arch.depth, self.arch.embed_dim
         self.block_params = sum(p.numel() for p in self.model.blocks[0].parameters())
@@ -123,7 +125,6 @@ class HartBackend:
     def branches(self, state: HartState) -> int:
         return state.branches
 
-    @torch.no_grad()
     def begin(self, prompts: list[str], negative_prompts: list[str | None], h_div_w: float) -> HartState:
         """Encode the prompts; the unconditional rows are zeros at position 0 unless a negative prompt is given."""
         B, schedule = len(prompts), self.schedule(h_div_w)
@@ -155,8 +156,9 @@ class HartBackend:
         x_BLC = F.interpolate(state.f_hat_BCHW, size=(h, w), mode="area").flatten(2).transpose(1, 2)
         return x_BLC.repeat(state.branches, 1, 1)
 
-    @torch.no_grad()
-    def forward(self, state, x_RnC, stage, positions_Rn, valid_Rn, capture_block):
+    def forward(self, state: HartState, x_RnC: torch.Tensor, stage: int, positions_Rn: torch.Tensor | None,
+                valid_Rn: torch.Tensor | None, capture_block: int | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         m, hd = self.model, self.arch.head_dim
         if stage == 1:  # the context, with 1-D RoPE; the last position predicts the 1x1 map
             h_RTC, io = m(x_RnC, state.cond_R1C, rope_1d(state.context_pos_RT, hd), state.caches, None,
@@ -173,8 +175,8 @@ class HartBackend:
             return logits_RnV, io
         return torch.cat([logits_RnV, h_RnC.float()], dim=-1), io
 
-    @torch.no_grad()
-    def sample(self, state, pred_RnV, stage, generators, positions_Bn):
+    def sample(self, state: HartState, pred_RnV: torch.Tensor, stage: int, generators: list[torch.Generator],
+               positions_Bn: torch.Tensor | None) -> torch.Tensor:
         S, V = len(state.schedule), self.tok.vocab_size
         h, w = state.schedule[stage - 1]
         idx_Bn, emb_BnC = sample_embeddings(pred_RnV[..., :V], state.branches, stage - 1, S, h * w, self.sampling,
@@ -183,10 +185,11 @@ class HartBackend:
             return emb_BnC
         return emb_BnC + self._residuals(state, pred_RnV[..., V:], idx_Bn, generators, positions_Bn, h * w)
 
-    def _residuals(self, state, hidden_RnC, idx_Bn, generators, positions_Bn, tokens) -> torch.Tensor:
+    def _residuals(self, state: HartState, hidden_RnC: torch.Tensor, idx_Bn: torch.Tensor,
+                   generators: list[torch.Generator], positions_Bn: torch.Tensor | None, tokens: int) -> torch.Tensor:
         """The diffusion head's continuous residuals (B, n, Cvae) for the sampled tokens."""
         m, B, n = self.model, state.batch, idx_Bn.shape[1]
-        discrete_BnC = m.word_embed(self.tokenizer.codebook[idx_Bn])
+        discrete_BnC = m.word_embed(self.tokenizer.codebook[idx_Bn].to(self.dtype))
         z_RnC = m.decoder_norm(hidden_RnC.to(self.dtype) + discrete_BnC.repeat(state.branches, 1, 1))
         Cvae = self.tok.z_channels
         z_Xc = z_RnC.reshape(state.branches * B * n, -1)  # rows: cond (image-major), then uncond
@@ -202,10 +205,9 @@ class HartBackend:
         h_BChw = tokens_BLC.float().transpose(1, 2).reshape(state.batch, -1, h, w)
         S = len(state.schedule)
         if stage < S:
-            h_BChw = self.tokenizer.refine(h_BChw.to(self.dtype), stage - 1, S, state.schedule[-1][0]).float()
+            h_BChw = self.tokenizer.refine(h_BChw, stage - 1, S, state.schedule[-1][0])
         state.f_hat_BCHW += h_BChw
 
-    @torch.no_grad()
     def decode(self, state: HartState) -> np.ndarray:
         # Image by image: convolution algorithms depend on the batch size, an image's bytes must not.
         images = []

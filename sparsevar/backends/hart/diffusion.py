@@ -120,7 +120,6 @@ class ResidualSampler:
             "min_log": np.log(posterior_var[1] if i == 0 else posterior_var[i]), "max_log": np.log(betas[i]),
         } for i in range(len(betas))]
 
-    @torch.no_grad()
     def sample(self, net: DenoiserMLP, z_RnZ: torch.Tensor, branches: int, cfg: float,
                noise: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Residual tokens (n, C) for the n conditional rows of z (conditional rows first, then unconditional).

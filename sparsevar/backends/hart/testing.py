@@ -35,6 +35,14 @@ class TextArch:
         return cls(1536, 28, 12, 2, 8960)
 
 
+# A small HART of the released structure: 4 blocks, 6 stages up to 8x8 tokens, a 2-level tokenizer decoder
+# (16x16 pixels) and a 2-layer Qwen2; for tests and the benchmark's smoke run.
+TINY_ARCH = TransformerArch(context_token=16, context_dim=32, embed_dim=64, depth=4, num_heads=4,
+                            patch_nums=(1, 2, 3, 4, 6, 8), use_context_norm=True, diff_width=32, diff_depth=2,
+                            num_sampling_steps="4")
+TINY_TOK = TokenizerArch(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2))
+
+
 @dataclass(frozen=True)
 class Folders:
     llm: Path

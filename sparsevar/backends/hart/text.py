@@ -52,7 +52,6 @@ class QwenTextEncoder:
     def width(self) -> int:
         return self.model.config.hidden_size
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Context (B, T, width) float32 and position ids (B, T)."""
         ids_BT = self.tokenizer(prompts, return_tensors="pt", padding="max_length", max_length=self.tokens,
