@@ -131,6 +131,9 @@ def test_clear_errors_for_missing_folders_files_and_other_architectures(cfg, fol
     shutil.copy(folders.llm / "ema_model.bin", llm / "ema_model.bin")
     with pytest.raises(ValueError, match="blocks.4"):
         build(cfg.model_copy(update={"llm": str(llm)}), SAMPLING, CPU, torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.text_encoder"):
+        build(cfg.model_copy(update={"text_encoder": str(tmp_path / "empty")}), SAMPLING, CPU, torch.float32)
     with pytest.raises(ValueError, match="URI"):
         build(cfg.model_copy(update={"tokenizer": "s3://bucket/tokenizer"}), SAMPLING, CPU, torch.float32)
 

@@ -40,12 +40,14 @@ class QwenTextEncoder:
              dtype: torch.dtype) -> "QwenTextEncoder":
         from transformers import AutoModel, AutoTokenizer
 
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'} is missing: model.text_encoder must point at a local "
+                                    "Qwen2 folder (Qwen2-VL-1.5B-Instruct)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModel.from_pretrained(folder, dtype=dtype).to(device)
-        except OSError as exc:
-            raise FileNotFoundError(f"cannot load the Qwen2 text encoder from {folder} (model.text_encoder): "
-                                    f"{exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load the Qwen2 text encoder from {folder} (model.text_encoder): {exc}") from None
         return cls(tokenizer, model, tokens, system_prompt, device)
 
     @property
