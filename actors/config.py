@@ -1,11 +1,16 @@
 """The whole job's configuration: model, algorithm, sampling, runtime, Ray scaling and output format."""
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
+from sparsevar.adaptive import AdaptiveConfig
 from sparsevar.backends import ModelConfig
 from sparsevar.config import SamplingConfig, SparseVARConfig, StrictModel
+
+# Adaptive runs default to quantile normalisation: τ is then the excluded fraction, so latency follows τ
+# closely and the same for every image; benchmarks/adaptive.py measured it tracking a target better.
+ADAPTIVE_NORMALIZE = "quantile"
 
 
 class RuntimeConfig(StrictModel):
@@ -14,15 +19,36 @@ class RuntimeConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    num_actors: int = Field(1, ge=1, description="generation actors in the pool")
+    num_actors: int | tuple[int, int] = Field(
+        1, description="generation actors: a fixed number, or [min, max] for a pool that scales with the work")
     batch_size: int = Field(4, ge=1, description="prompts per generation batch")
-    num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="fractions share a GPU between actors")
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="also the actor's torch thread count")
+    max_restarts: int = Field(-1, ge=-1, description="restarts of a dead actor process (-1: no limit)")
+    max_task_retries: int = Field(3, ge=0, description="retries of a batch whose actor died running it")
+
+    @field_validator("num_actors")
+    @classmethod
+    def _positive_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError("num_actors must be a number >= 1 or a range [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def actor_range(self) -> tuple[int, int]:
+        return (self.num_actors, self.num_actors) if isinstance(self.num_actors, int) else self.num_actors
 
 
 class OutputConfig(StrictModel):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
+    images_per_prompt: int = Field(1, ge=1, description="images per prompt; seeds after the first are derived")
+
+
+class StorageConfig(StrictModel):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, ...); else AWS_ENDPOINT_URL or AWS itself")
 
 
 class JobConfig(StrictModel):
@@ -32,3 +58,28 @@ class JobConfig(StrictModel):
     runtime: RuntimeConfig = RuntimeConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig = OutputConfig()
+    storage: StorageConfig = StorageConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptive_normalize_default(cls, data: Any) -> Any:
+        """With adaptive.enabled and no sparsevar.normalize given, use ADAPTIVE_NORMALIZE."""
+        if not isinstance(data, dict):
+            return data
+        adaptive, sv = data.get("adaptive"), data.get("sparsevar", {})
+        if isinstance(adaptive, AdaptiveConfig):
+            enabled = adaptive.enabled
+        else:
+            enabled = isinstance(adaptive, dict) and adaptive.get("enabled") is True
+        if enabled and isinstance(sv, dict) and "normalize" not in sv:
+            return {**data, "sparsevar": {**sv, "normalize": ADAPTIVE_NORMALIZE}}
+        if enabled and isinstance(sv, SparseVARConfig) and "normalize" not in sv.model_fields_set:
+            return {**data, "sparsevar": sv.model_copy(update={"normalize": ADAPTIVE_NORMALIZE})}
+        return data
+
+    @model_validator(mode="after")
+    def _adaptive_needs_sparsevar(self) -> "JobConfig":
+        if self.adaptive.enabled and not self.sparsevar.enabled:
+            raise ValueError("adaptive.enabled needs sparsevar.enabled: true (τ is what it adapts)")
+        return self

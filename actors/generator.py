@@ -1,8 +1,10 @@
 """The stateful callable that Ray Data's `map_batches` runs in each generation actor.
 
 It builds the backend once per actor, generates a batch of normalised prompt rows, writes the images
-through `storage/` and returns one metadata row per prompt. A failing batch is retried one prompt at a
-time, so one bad prompt becomes one `error` row and never costs the others their images.
+through `storage/` and returns one metadata row per prompt. A failing batch (out of memory, or one bad
+prompt) is split in halves and retried, so one bad prompt becomes one `error` row and never costs the
+others their images. With
+`adaptive.enabled`, a controller picks each batch's τ from the calibration and the batches' latencies.
 """
 
 import logging
@@ -12,9 +14,12 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from actors.calibration import controller_for
 from actors.config import JobConfig
 from sparsevar.backends import build_backend
+from sparsevar.config import SparseVARConfig
 from sparsevar.generate import ImageResult, Request, generate
+from storage.checkpoints import localize_checkpoints
 from storage.images import ImageWriter
 from storage.metadata import metadata_table
 
@@ -24,52 +29,84 @@ log = logging.getLogger(__name__)
 class Generator:
     def __init__(self, config: dict[str, Any], output: str) -> None:
         self.cfg = JobConfig.model_validate(config)
+        # checked local paths; s3:// fetched once per node
+        self.cfg.model = localize_checkpoints(self.cfg.model, endpoint_url=self.cfg.storage.endpoint_url)
         torch.set_num_threads(max(1, int(self.cfg.ray.num_cpus_per_actor)))
         self.backend = build_backend(self.cfg.model, self.cfg.sampling, self.cfg.runtime.device,
                                      self.cfg.runtime.dtype)
-        self.writer = ImageWriter(output, self.cfg.output.image_format, self.cfg.output.quality)
-        sv = self.cfg.sparsevar
-        self.tau = sv.tau if sv.enabled else None
+        self.writer = ImageWriter(output, self.cfg.output.image_format, self.cfg.output.quality,
+                                  self.cfg.storage.endpoint_url)
+        self.controller = controller_for(self.cfg) if self.cfg.adaptive.enabled else None
+        self._warned_missed = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [row for row in rows if row["error"] is None]
-        out = [self._error_row(row, row["error"]) for row in rows if row["error"] is not None]
-        for row, result in zip(todo, self._generate(todo), strict=True):
-            out.append(self._ok_row(row, result) if isinstance(result, ImageResult) else self._error_row(row, result))
+        sv = self._sparsevar()
+        tau = sv.tau if sv.enabled else None
+        results = self._generate(todo, sv)
+        if self.controller is not None:
+            self._observe(sv.tau, results)
+        out = [self._error_row(row, row["error"], tau) for row in rows if row["error"] is not None]
+        for row, result in zip(todo, results, strict=True):
+            out.append(self._ok_row(row, result, tau) if isinstance(result, ImageResult)
+                       else self._error_row(row, result, tau))
         return metadata_table(out)
 
-    def _generate(self, rows: list[dict[str, Any]]) -> list[ImageResult | str]:
+    def _sparsevar(self) -> SparseVARConfig:
+        """This batch's settings: the configured ones, with the controller's τ when adaptive."""
+        if self.controller is None:
+            return self.cfg.sparsevar
+        tau = self.controller.next_tau()
+        log.debug("adaptive τ=%.4f (measured/calibrated latency %.3f)", tau, self.controller.ratio)
+        return self.cfg.sparsevar.model_copy(update={"tau": tau})
+
+    def _observe(self, tau: float, results: list[ImageResult | str]) -> None:
+        """Teach the controller this batch's latency. Only a batch generated in one go counts (the loop stamps
+        its one wall time on every image); a batch retried one prompt at a time says little about τ."""
+        latencies = {r.latency_ms for r in results if isinstance(r, ImageResult)}
+        if len(latencies) == 1 and all(isinstance(r, ImageResult) for r in results):
+            self.controller.observe(tau, latencies.pop(), len(results))
+        if self.controller.missed_by > 0 and not self._warned_missed:
+            self._warned_missed = True
+            log.warning("adaptive target out of reach for this actor: at τ=%.3f it misses its share by %.0f%%",
+                        self.controller.upper, 100 * self.controller.missed_by)
+
+    def _generate(self, rows: list[dict[str, Any]], sv: SparseVARConfig) -> list[ImageResult | str]:
         """Results in row order: an image, or the error message of a prompt that failed alone."""
         if not rows:
             return []
         requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt")) for r in rows]
         try:
-            return list(generate(self.backend, requests, self.cfg.sparsevar))
+            return list(generate(self.backend, requests, sv))
         except Exception as exc:  # noqa: BLE001 - reported per row below
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
             if len(rows) == 1:
                 log.warning("prompt %r failed: %s", rows[0]["prompt_id"], exc)
                 return [f"generation failed: {type(exc).__name__}: {exc}"]
-            log.warning("batch of %d failed (%s); retrying one prompt at a time", len(rows), exc)
-            return [result for row in rows for result in self._generate([row])]
+            half = len(rows) // 2
+            log.warning("batch of %d failed (%s: %s); retrying as two of %d and %d", len(rows),
+                        type(exc).__name__, exc, half, len(rows) - half)
+            return self._generate(rows[:half], sv) + self._generate(rows[half:], sv)
 
-    def _ok_row(self, row: dict[str, Any], result: ImageResult) -> dict[str, Any]:
+    def _ok_row(self, row: dict[str, Any], result: ImageResult, tau: float | None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             uri, sha256 = self.writer.write(row["prompt_id"], row["seed"], result.pixels_HWC)
         except Exception as exc:  # noqa: BLE001 - a failed write is that row's error, not the batch's
-            return self._error_row(row, f"writing the image failed: {type(exc).__name__}: {exc}")
+            return self._error_row(row, f"writing the image failed: {type(exc).__name__}: {exc}", tau)
         log.debug("wrote %s in %.1f ms", uri, (time.perf_counter() - started) * 1e3)
         height, width = result.pixels_HWC.shape[:2]
         return {
-            **self._base_row(row), "status": "ok", "width": width, "height": height, "image_uri": uri,
+            **self._base_row(row, tau), "status": "ok", "width": width, "height": height, "image_uri": uri,
             "image_sha256": sha256, "latency_ms": result.latency_ms,
             "stages": [vars(stage) for stage in result.stages],
         }
 
-    def _error_row(self, row: dict[str, Any], message: str) -> dict[str, Any]:
-        return {**self._base_row(row), "status": "error", "error": message}
+    def _error_row(self, row: dict[str, Any], message: str, tau: float | None) -> dict[str, Any]:
+        return {**self._base_row(row, tau), "status": "error", "error": message}
 
-    def _base_row(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _base_row(self, row: dict[str, Any], tau: float | None) -> dict[str, Any]:
         return {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "seed": row["seed"],
-                "model": self.backend.name, "tau": self.tau}
+                "model": self.backend.name, "tau": tau}

@@ -5,9 +5,19 @@ import os
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # A ~/.ray/auth_token left by an earlier ray.init() would make `ray start` demand tokens from every client.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Dummy credentials for the loopback S3 endpoint, set before the cluster starts so its workers inherit them;
+# no SDK may probe the network for others.
+for _name, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                      "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[_name] = _value
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_PROFILE", None)
 
+import contextlib  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -54,7 +64,9 @@ def ray_cluster():
 
     os.environ.pop("RAY_ADDRESS", None)  # never the developer's own cluster
     port, dashboard_port = _free_port(), _free_port()
+    temp_dir = f"/tmp/ray-test-{port}"  # marks this cluster's processes, so teardown stops only them
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    f"--temp-dir={temp_dir}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                     "--disable-usage-stats"], check=True, capture_output=True)
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
@@ -63,4 +75,32 @@ def ray_cluster():
         yield cluster
     finally:
         ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
+        _stop_processes_of(temp_dir)
+
+
+def _stop_processes_of(temp_dir: str) -> None:
+    """Stop the processes of one local cluster (`ray stop` would stop every cluster on the machine)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = [int(line.split(None, 1)[0]) for line in listing.splitlines() if temp_dir in line]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto's standalone server) on 127.0.0.1, with a bucket named `bucket`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bucket")
+    try:
+        yield endpoint
+    finally:
+        server.stop()

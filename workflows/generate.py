@@ -2,16 +2,20 @@
 
     python -m workflows.generate --config configs/tiny.yaml --prompts configs/prompts/sample.jsonl --output ./out
 
-Joins the cluster in RAY_ADDRESS (as under `ray job submit`) or starts a local one. Exit status: 0 when
-every row is ok, 1 when some rows failed, 2 for a config or input error found before any work starts.
+Joins the cluster in RAY_ADDRESS (as under `ray job submit`) or starts a local one. Writes images, metadata
+and `{output}/run.json`. Exit status: 0 when every row is ok, 1 when some rows failed, 2 for a config or
+input error found before any work starts.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,13 +23,17 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
 
+from actors.calibration import CalibrationError, controller_for
 from actors.config import JobConfig
 from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
 from storage.metadata import METADATA_DIR, METADATA_SCHEMA
 from storage.uris import join, resolve
+from workflows.adaptive_report import AdaptiveReport, adaptive_report
 from workflows.config import ConfigError, load_config
-from workflows.prompts import IO_CPUS, read_prompts
+from workflows.prompts import IO_CPUS, check_prompts, read_prompt_table
+from workflows.resume import completed_keys, expand_images, mark_duplicates, pending
+from workflows.run_record import write_run_json
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -36,14 +44,23 @@ class Summary:
     failed: int
     seconds: float
     kept_ratio_by_stage: dict[int, float]
+    adaptive: AdaptiveReport | None = None
+    skipped: int = 0  # images the output already held
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
 
     def __str__(self) -> str:
-        rate = self.images / self.seconds if self.seconds else 0.0
-        lines = [f"images written: {self.images}", f"rows failed: {self.failed}",
-                 f"images per second: {rate:.2f} ({self.seconds:.1f} s, actor start-up included)"]
+        lines = [f"images written: {self.images}", f"rows failed: {self.failed}"]
+        if self.skipped:
+            lines.append(f"already in the output (skipped): {self.skipped}")
+        lines.append(f"images per second: {self.images_per_sec:.2f} ({self.seconds:.1f} s, actor start-up included)")
         if self.kept_ratio_by_stage:
             kept = ", ".join(f"stage {s}: {r:.3f}" for s, r in sorted(self.kept_ratio_by_stage.items()))
             lines.append(f"mean kept ratio per sparse stage: {kept}")
+        if self.adaptive is not None:
+            lines.append(str(self.adaptive))
         return "\n".join(lines)
 
 
@@ -70,28 +87,82 @@ def connect_ray() -> None:
 
 
 def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> Summary:
-    """Run the pipeline (read, generate in an actor pool, write Parquet) and summarise this run's rows."""
-    ds = read_prompts(prompts, limit, block_rows=cfg.ray.batch_size)
-    ds = ds.map_batches(
-        Generator,
-        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output},
-        batch_size=cfg.ray.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_actors),
-        num_gpus=cfg.ray.num_gpus_per_actor or None,
-        num_cpus=cfg.ray.num_cpus_per_actor,
-    )
-    run_id = uuid.uuid4().hex[:12]
-    filesystem, metadata_path = resolve(join(output, METADATA_DIR))
+    """Run the pipeline (read, generate in an actor pool, write Parquet), summarise this run's rows and
+    record the run in `{output}/run.json`."""
+    try:  # read and check the calibration here, before any actor starts
+        controller = controller_for(cfg) if cfg.adaptive.enabled else None
+    except CalibrationError as exc:
+        raise ConfigError(f"adaptive.calibration: {exc}") from None
+    endpoint = cfg.storage.endpoint_url
+    run_id, started_at = uuid.uuid4().hex[:12], datetime.now(UTC)
+    try:  # fails early, naming the output, when it is not writable
+        write_run_json(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat()}, endpoint)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
+                          "access)") from None
+    todo, skipped = plan(cfg, prompts, output, limit)
+    filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
     started = time.perf_counter()
-    ds.write_parquet(metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
-                     filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
-                     ray_remote_args={"num_cpus": IO_CPUS})
+    if todo.num_rows:
+        generate_dataset(cfg, todo, output).write_parquet(
+            metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
+            filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+            ray_remote_args={"num_cpus": IO_CPUS})
     seconds = time.perf_counter() - started
     selector = pa.fs.FileSelector(metadata_path, allow_not_found=True)
     files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
     table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
-    return summarize(table, seconds, first_sparse_stage(cfg.sparsevar))
+    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=skipped)
+    if controller is not None:
+        summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
+    write_run_json(output, run_record(cfg, prompts, output, run_id, started_at, summary), endpoint)
+    return summary
+
+
+def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> tuple[pa.Table, int]:
+    """Every image the prompts ask for, less those the output already holds (see workflows.resume), and how
+    many were left out for that."""
+    table = read_prompt_table(prompts, limit, cfg.storage.endpoint_url)
+    table = mark_duplicates(expand_images(table, cfg.output.images_per_prompt))
+    done, recorded = completed_keys(output, cfg.storage.endpoint_url)
+    todo = pending(table, done, recorded)
+    return todo, table.num_rows - todo.num_rows
+
+
+def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Dataset:
+    """The rows to generate, in blocks that keep every actor busy, mapped through the actor pool.
+
+    A block is the unit Ray retries when an actor dies, so blocks stay small: a few batches each.
+    """
+    low, high = cfg.ray.actor_range
+    B = cfg.ray.batch_size
+    rows = B * min(16, max(1, math.ceil(todo.num_rows / (B * 4 * high))))
+    blocks = [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)]
+    return ray.data.from_arrow(blocks).map_batches(
+        Generator,
+        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output},
+        batch_size=B,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_gpus=cfg.ray.num_gpus_per_actor or None,
+        num_cpus=cfg.ray.num_cpus_per_actor,
+        max_restarts=cfg.ray.max_restarts,
+        max_task_retries=cfg.ray.max_task_retries,
+    )
+
+
+def run_record(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime,
+               summary: Summary) -> dict[str, Any]:
+    """The content of run.json: the config, when, and what came out (`adaptive` only for adaptive runs)."""
+    record = {
+        "run_id": run_id, "config": cfg.model_dump(mode="json"), "prompts": prompts, "output": output,
+        "started": started_at.isoformat(), "finished": datetime.now(UTC).isoformat(), "seconds": summary.seconds,
+        "images": summary.images, "failed": summary.failed, "images_per_sec": summary.images_per_sec,
+        "kept_ratio_by_stage": {str(k): v for k, v in sorted(summary.kept_ratio_by_stage.items())},
+    }
+    if summary.adaptive is not None:
+        record["adaptive"] = summary.adaptive.as_dict()
+    return record
 
 
 def summarize(table: pa.Table, seconds: float, first_sparse: int | None) -> Summary:
@@ -112,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+        check_prompts(args.prompts, cfg.storage.endpoint_url)  # before paying for a cluster start
         connect_ray()
         summary = run(cfg, args.prompts, args.output, args.limit)
     except ConfigError as exc:

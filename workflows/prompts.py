@@ -8,7 +8,7 @@ import pyarrow as pa
 import ray
 from pyarrow import fs
 
-from storage.prompts import normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
+from storage.prompts import PROMPT_SCHEMA, normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
 from storage.uris import resolve
 from workflows.config import ConfigError
 
@@ -26,20 +26,26 @@ def _text_batch(batch: pa.Table) -> pa.Table:
 IO_CPUS = 0
 
 
+def check_prompts(uri: str, endpoint_url: str | None = None) -> tuple[fs.FileSystem, str]:
+    """The prompt file's filesystem and path; a missing, empty or unreachable file raises ConfigError."""
+    try:
+        filesystem, path = resolve(uri, endpoint_url)
+        info = filesystem.get_file_info(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"cannot open prompts {uri}: {exc} (check the URI, the endpoint and your access)") from None
+    if info.type == fs.FileType.NotFound:
+        raise ConfigError(f"prompts file not found: {uri} (try configs/prompts/sample.jsonl)")
+    if info.type == fs.FileType.File and info.size == 0:
+        raise ConfigError(f"prompts file {uri} is empty: add one prompt per line")
+    return filesystem, path
+
+
 def read_prompts(
     uri: str, limit: int | None = None, block_rows: int = 4096, endpoint_url: str | None = None
 ) -> ray.data.Dataset:
     """A dataset of prompt rows in blocks of `block_rows`, so that every actor of the pool gets work even from
     one small file. Whole-file problems (missing, empty, no `prompt` column) raise ConfigError."""
-    try:
-        filesystem, path = resolve(uri, endpoint_url)
-        info = filesystem.get_file_info(path)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"cannot open prompts {uri}: {exc}") from None
-    if info.type == fs.FileType.NotFound:
-        raise ConfigError(f"prompts file not found: {uri} (try configs/prompts/sample.jsonl)")
-    if info.type == fs.FileType.File and info.size == 0:
-        raise ConfigError(f"prompts file {uri} is empty: add one prompt per line")
+    filesystem, path = check_prompts(uri, endpoint_url)
     kind = prompt_format(uri)
     if kind in ("jsonl", "text"):
         ds = ray.data.read_text(path, filesystem=filesystem, num_cpus=IO_CPUS).map_batches(
@@ -55,3 +61,9 @@ def read_prompts(
                               "column that holds the prompts to 'prompt'")
         ds = ds.map_batches(normalize_records, batch_format="pyarrow", batch_size=block_rows, num_cpus=IO_CPUS)
     return ds.limit(limit) if limit is not None else ds
+
+
+def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> pa.Table:
+    """All prompt rows on the driver, where duplicates and finished work can be seen across the whole file."""
+    tables = ray.get(read_prompts(uri, limit, endpoint_url=endpoint_url).to_arrow_refs())
+    return pa.concat_tables(tables).cast(PROMPT_SCHEMA) if tables else PROMPT_SCHEMA.empty_table()
