@@ -76,7 +76,13 @@ class Generator:
         """Results in row order: an image, or the error message of a prompt that failed alone."""
         if not rows:
             return []
-        requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt")) for r in rows]
+        ratios = {r.get("h_div_w") or 1.0 for r in rows}
+        if len(ratios) > 1:  # one forward serves one aspect ratio: generate each ratio's rows apart
+            by_ratio = {ratio: [r for r in rows if (r.get("h_div_w") or 1.0) == ratio] for ratio in ratios}
+            results = {id(r): res for group in by_ratio.values() for r, res in zip(group, self._generate(group, sv),
+                                                                                   strict=True)}
+            return [results[id(r)] for r in rows]
+        requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt"), ratios.pop()) for r in rows]
         try:
             return list(generate(self.backend, requests, sv))
         except Exception as exc:  # noqa: BLE001 - reported per row below

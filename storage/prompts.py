@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -20,12 +21,14 @@ PROMPT_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("seed", pa.int64()),
         ("negative_prompt", pa.string()),
+        ("h_div_w", pa.float64()),
         ("error", pa.string()),
     ]
 )
 
 PromptFormat = Literal["jsonl", "csv", "parquet", "text"]
-RECORD_FIELDS = ("prompt", "id", "seed", "negative_prompt")
+RECORD_FIELDS = ("prompt", "id", "seed", "negative_prompt", "h_div_w")
+MAX_PROMPT_CHARS = 4096
 MAX_SEED = 2**63 - 1
 EXCERPT_LENGTH = 80
 
@@ -44,6 +47,7 @@ _PROMPT_FIX = 'give a non-empty "prompt" string'
 _ID_FIX = 'make "id" a string or an integer, or leave it out'
 _SEED_FIX = f'make "seed" a whole number from 0 to {MAX_SEED}, or leave it out to derive one from the id'
 _NEGATIVE_FIX = 'make "negative_prompt" a string, or leave it out'
+_RATIO_FIX = 'make "h_div_w" a positive number (height / width, e.g. 0.5625 for 16:9), or leave it out for 1.0'
 _SURROGATE = "is not valid Unicode (it holds a lone surrogate escape)"
 
 # (what is wrong, how to fix it)
@@ -115,7 +119,8 @@ def _row_from_record(record: Mapping[str, Any], source: str, label: str) -> dict
     prompt_id, id_issue = _parse_id(record.get("id"))
     seed, seed_issue = _parse_seed(record.get("seed"))
     negative_prompt, negative_issue = _parse_negative_prompt(record.get("negative_prompt"))
-    issues = [issue for issue in (prompt_issue, id_issue, seed_issue, negative_issue) if issue]
+    h_div_w, ratio_issue = _parse_h_div_w(record.get("h_div_w"))
+    issues = [issue for issue in (prompt_issue, id_issue, seed_issue, negative_issue, ratio_issue) if issue]
     if issues:
         return _error_row(source, label, issues, prompt, prompt_id, seed, negative_prompt)
     prompt_id = prompt_id or default_id(prompt)
@@ -124,6 +129,7 @@ def _row_from_record(record: Mapping[str, Any], source: str, label: str) -> dict
         "prompt": prompt,
         "seed": default_seed(prompt_id) if seed is None else seed,
         "negative_prompt": negative_prompt,
+        "h_div_w": h_div_w,
         "error": None,
     }
 
@@ -150,6 +156,18 @@ def _error_row(
     }
 
 
+def _parse_h_div_w(value: object) -> tuple[float | None, _Issue | None]:
+    if value is None or value == "":
+        return None, None
+    try:
+        ratio = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        ratio = float("nan")
+    if not math.isfinite(ratio) or not 0.05 <= ratio <= 20:
+        return None, (f'"h_div_w" {_show(value)} is not a usable aspect ratio', _RATIO_FIX)
+    return ratio, None
+
+
 def _parse_prompt(value: object) -> tuple[str, _Issue | None]:
     if value is None:
         return "", ('missing "prompt"', _PROMPT_FIX)
@@ -158,6 +176,9 @@ def _parse_prompt(value: object) -> tuple[str, _Issue | None]:
     if not _is_encodable(value):
         return "", (f'"prompt" {_SURROGATE}', _PROMPT_FIX)
     text = value.strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        return "", (f'"prompt" has {len(text)} characters, more than {MAX_PROMPT_CHARS}',
+                    f"shorten the prompt to at most {MAX_PROMPT_CHARS} characters")
     return text, None if text else ('empty "prompt"', _PROMPT_FIX)
 
 

@@ -83,20 +83,22 @@ def test_jsonl_valid_rows():
     ]
     rows = normalize_jsonl_lines(lines).to_pylist()
     assert rows == [
-        {"prompt_id": "cat", "prompt": "a cat", "seed": 7, "negative_prompt": "blurry", "error": None},
+        {"prompt_id": "cat", "prompt": "a cat", "seed": 7, "negative_prompt": "blurry", "h_div_w": None, "error": None},
         {
             "prompt_id": default_id("a dog"),
             "prompt": "a dog",
             "seed": default_seed(default_id("a dog")),
             "negative_prompt": None,
+            "h_div_w": None,
             "error": None,
         },
-        {"prompt_id": "12", "prompt": "a cow", "seed": 42, "negative_prompt": None, "error": None},
+        {"prompt_id": "12", "prompt": "a cow", "seed": 42, "negative_prompt": None, "h_div_w": None, "error": None},
         {
             "prompt_id": default_id("a fox"),
             "prompt": "a fox",
             "seed": 3,
             "negative_prompt": None,
+            "h_div_w": None,
             "error": None,
         },
         {
@@ -104,6 +106,7 @@ def test_jsonl_valid_rows():
             "prompt": "max",
             "seed": 2**63 - 1,
             "negative_prompt": None,
+            "h_div_w": None,
             "error": None,
         },
     ]
@@ -269,6 +272,7 @@ def test_csv_string_seeds_and_ids():
         "prompt": "a cat",
         "seed": 12,
         "negative_prompt": None,
+        "h_div_w": None,
         "error": None,
     }
     assert rows[1]["error"].startswith('"seed" "oops" is not a whole number (row: ')
@@ -292,7 +296,8 @@ def test_records_from_parquet_like_table():
         }
     )
     rows = normalize_records(table).to_pylist()
-    assert rows[0] == {"prompt_id": "c", "prompt": "a cat", "seed": 5, "negative_prompt": None, "error": None}
+    assert rows[0] == {"prompt_id": "c", "prompt": "a cat", "seed": 5, "negative_prompt": None, "h_div_w": None,
+                       "error": None}
     assert rows[1]["error"].startswith('missing "prompt" (row: ')
     assert json.loads(rows[1]["error"].split("(row: '")[1].split("')")[0]) == {
         "prompt": None,
@@ -322,6 +327,7 @@ def test_text_lines():
         "prompt": "a cat",
         "seed": default_seed(default_id("a cat")),
         "negative_prompt": None,
+        "h_div_w": None,
         "error": None,
     }
 
@@ -331,3 +337,15 @@ def test_same_prompt_gets_same_id_in_every_format():
     from_jsonl = normalize_jsonl_lines(['{"prompt": "a cat"}']).to_pylist()
     from_csv = _csv_rows("prompt\na cat\n")
     assert from_text == from_jsonl == from_csv
+
+
+def test_aspect_ratio_and_oversized_prompts():
+    table = normalize_jsonl_lines([
+        '{"prompt": "wide", "h_div_w": 0.5625}',
+        '{"prompt": "odd", "h_div_w": -1}',
+        '{"prompt": "' + "x" * 5000 + '"}',
+    ])
+    rows = table.to_pylist()
+    assert rows[0]["h_div_w"] == 0.5625 and rows[0]["error"] is None
+    assert '"h_div_w" -1 is not a usable aspect ratio' in rows[1]["error"]
+    assert "5000 characters, more than 4096" in rows[2]["error"]
