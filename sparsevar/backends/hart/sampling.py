@@ -28,7 +28,7 @@ def guide(logits_RnV: torch.Tensor, branches: int, t: float) -> torch.Tensor:
     return (1 + t) * cond_BnV - t * uncond_BnV
 
 
-def filter_(logits_BnV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_(logits_BnV: torch.Tensor, top_k: int, top_p: float) -> None:
     """Top-k, then top-p (off at 1.0, as the official sampler's 0), setting the dropped logits to −inf."""
     if top_k < logits_BnV.shape[-1]:
         kth = logits_BnV.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
@@ -38,7 +38,6 @@ def filter_(logits_BnV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         drop[..., -1:] = False
         logits_BnV.masked_fill_(drop.scatter(-1, sorted_idx, drop), -torch.inf)
-    return logits_BnV
 
 
 def _at(x_BLW: torch.Tensor, positions_Bn: torch.Tensor | None) -> torch.Tensor:

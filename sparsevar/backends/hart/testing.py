@@ -8,6 +8,8 @@ UTF-8 byte, padding with <|endoftext|> on the right as Qwen's tokenizer does.
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,15 +62,21 @@ def _randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def random_transformer(arch: TransformerArch, tok: TokenizerArch, seed: int, device: torch.device) -> HartTransformer:
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Build modules on `device` with their default initialisation drawn from `seed`."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
+        yield
+
+
+def random_transformer(arch: TransformerArch, tok: TokenizerArch, seed: int, device: torch.device) -> HartTransformer:
+    with _seeded(seed, device):
         return _randomise_(HartTransformer(arch, tok), seed)
 
 
 def random_tokenizer(tok: TokenizerArch, seed: int, device: torch.device) -> HybridTokenizer:
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
+    with _seeded(seed, device):
         return _randomise_(HybridTokenizer(tok), seed)
 
 
@@ -90,8 +98,7 @@ def random_qwen2(text: TextArch, vocab_size: int, seed: int, device: torch.devic
     from transformers import Qwen2Config, Qwen2Model
 
     config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=4096, **asdict(text))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
+    with _seeded(seed, device):
         return Qwen2Model(config)
 
 
