@@ -82,7 +82,8 @@ class Generator:
             results = {id(r): res for group in by_ratio.values() for r, res in zip(group, self._generate(group, sv),
                                                                                    strict=True)}
             return [results[id(r)] for r in rows]
-        requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt"), ratios.pop()) for r in rows]
+        ratio = ratios.pop()
+        requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt"), ratio) for r in rows]
         try:
             return list(generate(self.backend, requests, sv))
         except Exception as exc:  # noqa: BLE001 - reported per row below

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,13 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_ray_job_submit_generates_into_the_output(ray_cluster, fast_overrides, tmp_path):
     out = tmp_path / "out"
     overrides = [arg for o in fast_overrides for arg in ("--set", o)]
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
-         "--working-dir", str(REPO), "--runtime-env-json", '{"excludes": [".venv", ".git", "out", "*.egg-info"]}',
-         "--", "python", "-m", "workflows.generate", "--config", "configs/tiny.yaml",
-         "--prompts", "configs/prompts/sample.jsonl", "--output", str(out), "--limit", "3", *overrides],
-        capture_output=True, text=True, timeout=300,
-    )
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
+               "--working-dir", str(REPO), "--runtime-env-json", '{"excludes": [".venv", ".git", "out", "*.egg-info"]}',
+               "--", "python", "-m", "workflows.generate", "--config", "configs/tiny.yaml",
+               "--prompts", "configs/prompts/sample.jsonl", "--output", str(out), "--limit", "3", *overrides]
+    for _ in range(10):  # a fresh head node's job agent takes a few seconds to come up
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in result.stdout + result.stderr:
+            break
+        time.sleep(3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "images written: 3" in result.stdout
     assert len(list((out / "images").glob("*.png"))) == 3
