@@ -4,7 +4,6 @@ import hashlib
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from sparsevar.backends.infinity.config import InfinityConfig
 from storage.checkpoints import CheckpointError, fetch_checkpoint, localize_checkpoints
@@ -14,24 +13,14 @@ SHA = hashlib.sha256(DATA).hexdigest()
 
 
 @pytest.fixture
-def s3_endpoint(monkeypatch):
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="bucket")
+def s3_endpoint(s3_endpoint):
+    """The session's loopback S3 endpoint, with this module's checkpoint objects (put again for every test)."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.put_object(Bucket="bucket", Key="models/infinity_2b_reg.pth", Body=DATA)
     s3.put_object(Bucket="bucket", Key="models/vae.pth", Body=b"vae")
     s3.put_object(Bucket="bucket", Key="models/flan-t5-xl/config.json", Body=b"{}")
     s3.put_object(Bucket="bucket", Key="models/flan-t5-xl/tokenizer/spiece.model", Body=b"sp")
-    yield endpoint
-    server.stop()
+    return s3_endpoint
 
 
 def test_local_file_is_checked_in_place(tmp_path):

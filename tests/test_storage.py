@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from pyarrow import fs
 
@@ -320,22 +319,6 @@ def test_read_metadata_without_files_is_empty(tmp_path):
 
 
 # --- S3 (moto server on localhost) -------------------------------------------------------------------
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bucket")
-    yield endpoint
-    server.stop()
 
 
 def test_image_writer_and_read_metadata_on_s3(s3_endpoint):
