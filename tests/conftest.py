@@ -80,7 +80,7 @@ def ray_cluster():
 
 def _stop_processes_of(temp_dir: str) -> None:
     """Stop the processes of one local cluster (`ray stop` would stop every cluster on the machine)."""
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     pids = [int(line.split(None, 1)[0]) for line in listing.splitlines() if temp_dir in line]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:

@@ -41,7 +41,7 @@ def wait_for_images(out: Path, count: int, job: subprocess.Popen, timeout: float
 
 
 def actor_pids() -> list[int]:
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in listing.splitlines() if "MapBatches(Generator)" in line]
 
 
