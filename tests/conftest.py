@@ -63,10 +63,14 @@ def ray_cluster():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # never the developer's own cluster
+    # Every port is picked free, so the agents never collide with another cluster on the same machine (a job
+    # agent that fails to bind leaves `ray job submit` with "No available agent").
     port, dashboard_port = _free_port(), _free_port()
     temp_dir = f"/tmp/ray-test-{port}"  # marks this cluster's processes, so teardown stops only them
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    f"--temp-dir={temp_dir}",
+                    f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                    f"--metrics-export-port={_free_port()}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                     "--disable-usage-stats"], check=True, capture_output=True)
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
