@@ -8,10 +8,12 @@ scale from its own measurements (a warning says so).
 
 import json
 import logging
+import posixpath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import LocalFileSystem
 
 from actors.config import JobConfig
 from sparsevar.adaptive import Controller, Curve, per_actor_latency_ms
@@ -65,20 +67,21 @@ def calibration_table(points: list[CalibrationPoint], setup: dict[str, Any]) -> 
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_calibration(table: pa.Table, output: str) -> str:
+def write_calibration(table: pa.Table, output: str, endpoint_url: str | None = None) -> str:
     """Write `{output}/calibration.parquet` (output: a folder path or URI); returns its URI."""
     uri = join(output, FILE_NAME)
-    filesystem, path = resolve(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    filesystem, path = resolve(uri, endpoint_url)
+    if isinstance(filesystem, LocalFileSystem):  # object stores have no folders to make
+        filesystem.create_dir(posixpath.dirname(path), recursive=True)
     pq.write_table(table, path, filesystem=filesystem)
     return uri
 
 
-def read_calibration(uri: str) -> tuple[pa.Table, dict[str, Any]]:
+def read_calibration(uri: str, endpoint_url: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """The calibration rows and the setup they were measured with."""
     uri = calibration_uri(uri)
     try:
-        filesystem, path = resolve(uri)
+        filesystem, path = resolve(uri, endpoint_url)
         table = pq.read_table(path, filesystem=filesystem)
     except FileNotFoundError:
         raise CalibrationError(f"no calibration at {uri}: run python -m workflows.calibrate --config ... "
@@ -109,7 +112,7 @@ def _check_setup(measured: dict[str, Any], job: dict[str, Any], uri: str) -> Non
 def load_curve(cfg: JobConfig) -> Curve:
     """The job's calibration curve (sparse rows only), after checking it was measured for this setup."""
     uri = calibration_uri(cfg.adaptive.calibration or "")
-    table, setup = read_calibration(uri)
+    table, setup = read_calibration(uri, cfg.storage.endpoint_url)
     _check_setup(setup, calibration_setup(cfg), uri)
     rows = [row for row in table.select(["tau", "latency_ms_per_image", "psnr_db"]).to_pylist()
             if row["tau"] is not None]
@@ -121,11 +124,12 @@ def load_curve(cfg: JobConfig) -> Curve:
 
 
 def controller_for(cfg: JobConfig) -> Controller:
-    """One actor's controller: the calibration curve and the actor's share of the target."""
+    """One actor's controller: the calibration curve and the actor's share of the target (of a [min, max] pool,
+    the full pool's share: the target matters once the work has scaled the pool up)."""
     adaptive = cfg.adaptive
     curve = load_curve(cfg)
     try:
-        return Controller(curve, per_actor_latency_ms(adaptive, cfg.ray.num_actors), adaptive.tau_min,
+        return Controller(curve, per_actor_latency_ms(adaptive, cfg.ray.actor_range[1]), adaptive.tau_min,
                           adaptive.tau_max, adaptive.min_psnr)
     except ValueError as exc:
         raise CalibrationError(str(exc)) from None

@@ -3,8 +3,8 @@
 It builds the backend once per actor, generates a batch of normalised prompt rows, writes the images
 through `storage/` and returns one metadata row per prompt. A failing batch (out of memory, or one bad
 prompt) is split in halves and retried, so one bad prompt becomes one `error` row and never costs the
-others their images. With
-`adaptive.enabled`, a controller picks each batch's τ from the calibration and the batches' latencies.
+others their images. With `adaptive.enabled`, a controller picks each batch's τ from the calibration and
+the batches' latencies.
 """
 
 import logging
@@ -62,11 +62,11 @@ class Generator:
         return self.cfg.sparsevar.model_copy(update={"tau": tau})
 
     def _observe(self, tau: float, results: list[ImageResult | str]) -> None:
-        """Teach the controller this batch's latency. Only a batch generated in one go counts (the loop stamps
-        its one wall time on every image); a batch retried one prompt at a time says little about τ."""
-        latencies = {r.latency_ms for r in results if isinstance(r, ImageResult)}
-        if len(latencies) == 1 and all(isinstance(r, ImageResult) for r in results):
-            self.controller.observe(tau, latencies.pop(), len(results))
+        """Teach the controller this batch's latency: the summed wall times of its forwards (one per aspect
+        ratio, or per part of a split retry), each stamped on every image it made. A batch with a failed
+        prompt is left out: its failed attempts' time is not in any image."""
+        if results and all(isinstance(r, ImageResult) for r in results):
+            self.controller.observe(tau, sum({r.latency_ms for r in results}), len(results))
         if self.controller.missed_by > 0 and not self._warned_missed:
             self._warned_missed = True
             log.warning("adaptive target out of reach for this actor: at τ=%.3f it misses its share by %.0f%%",

@@ -2,12 +2,14 @@
 
 The controller starts from a calibration curve (τ -> warm latency per image, measured by
 `python -m workflows.calibrate`) and corrects it with the latencies its own batches take: the ratio
-measured / predicted is smoothed in log space, and each batch may move it only a bounded step, so one slow
-batch (a cold start, a noisy neighbour) cannot swing τ. Pure logic: no Ray, no storage, no clock.
+measured / predicted is a running median, so one slow batch (a cold start, a noisy neighbour) cannot swing
+τ, while a lasting change of pace is followed within a few batches. Pure logic: no Ray, no storage, no clock.
 """
 
 import bisect
 import math
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +23,8 @@ class AdaptiveConfig(StrictModel):
 
     enabled: bool = False
     target_images_per_sec: float | None = Field(
-        None, gt=0, description="for the whole job; each of the ray.num_actors actors aims at an equal share")
+        None, gt=0, description="for the whole job; each of the ray.num_actors actors (the maximum of a "
+        "[min, max] pool) aims at an equal share")
     target_latency_ms: float | None = Field(None, gt=0, description="per image, for each actor")
     tau_min: float = Field(0.0, ge=0.0, description="lowest τ the controller may choose (0 is dense)")
     tau_max: float = Field(1.0, ge=0.0, description="highest τ the controller may choose")
@@ -39,7 +42,7 @@ class AdaptiveConfig(StrictModel):
                                  "(per image, per actor)")
             if not self.calibration:
                 raise ValueError("calibration is required: run python -m workflows.calibrate --config ... "
-                                 "--prompts ... --output DIR, then set calibration: DIR/calibration.parquet")
+                                 "--prompts ... --output DIR, then set calibration: DIR")
         return self
 
 
@@ -126,19 +129,20 @@ class Curve:
 class Controller:
     """Chooses each batch's τ for one actor and learns how far its device is from the calibration.
 
-    `ratio` is the smoothed measured / predicted latency. Each observation moves log(ratio) by `gain` times
-    the log error, clamped to ±`max_step`, so one batch changes the ratio by at most exp(gain·max_step)
-    (about 13% with the defaults). The first `warmup_batches` are ignored: they pay one-off start-up costs
-    that the warm calibration left out.
+    `ratio` is measured / calibrated latency: the median of the last `window` batches' ratios (in log space),
+    starting from `window // 2` at 1, the calibration's own word. So up to `window // 2` slow batches in a
+    row (a cold start, a noisy neighbour) never move it, and a lasting change is adopted after
+    `window // 2 + 1` batches.
     """
 
     def __init__(self, curve: Curve, target_ms: float, tau_min: float = 0.0, tau_max: float = 1.0,
-                 min_psnr: float | None = None, *, gain: float = 0.5, max_step: float = 0.25,
-                 warmup_batches: int = 1) -> None:
+                 min_psnr: float | None = None, *, window: int = 5) -> None:
         if not target_ms > 0:
             raise ValueError(f"target latency per image must be positive, got {target_ms}")
         if tau_min > tau_max:
             raise ValueError(f"tau_min={tau_min} is above tau_max={tau_max}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         self.curve, self.target_ms, self.tau_min = curve, target_ms, tau_min
         self.upper = tau_max
         if min_psnr is not None:
@@ -147,13 +151,11 @@ class Controller:
                 raise ValueError(f"adaptive.min_psnr={min_psnr} allows τ <= {cap}, below adaptive.tau_min={tau_min}; "
                                  "lower one of them")
             self.upper = min(tau_max, cap)
-        self.gain, self.max_step, self.warmup_batches = gain, max_step, warmup_batches
-        self.batches = 0
-        self._log_ratio = 0.0
+        self._log_ratios: deque[float] = deque([0.0] * (window // 2), maxlen=window)
 
     @property
     def ratio(self) -> float:
-        return math.exp(self._log_ratio)
+        return math.exp(statistics.median(self._log_ratios)) if self._log_ratios else 1.0
 
     def next_tau(self) -> float:
         """The smallest τ in [tau_min, upper] whose corrected predicted latency meets the target."""
@@ -161,11 +163,8 @@ class Controller:
 
     def observe(self, tau: float, batch_latency_ms: float, n_images: int) -> None:
         """Learn from one batch generated at `tau` that took `batch_latency_ms` for `n_images` images."""
-        self.batches += 1
-        if self.batches <= self.warmup_batches or n_images < 1 or not batch_latency_ms > 0:
-            return
-        error = math.log(batch_latency_ms / n_images / (self.curve.latency(tau) * self.ratio))
-        self._log_ratio += self.gain * max(-self.max_step, min(self.max_step, error))
+        if n_images >= 1 and batch_latency_ms > 0:
+            self._log_ratios.append(math.log(batch_latency_ms / n_images / self.curve.latency(tau)))
 
     @property
     def missed_by(self) -> float:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from actors.calibration import CalibrationError, load_curve, read_calibration
+from actors.calibration import CalibrationError, controller_for, load_curve, read_calibration
 from actors.generator import Generator
 from sparsevar.backends import build_backend
 from sparsevar.generate import Request, generate
@@ -90,7 +90,7 @@ def test_calibration_holds_a_row_per_setting_and_a_plot(calibration, overrides):
 def test_higher_target_gives_higher_mean_tau(calibration, overrides, tmp_path):
     curve = load_curve(load_config(CONFIG, adaptive(overrides, calibration, "adaptive.target_latency_ms=1")))
     dense_ms, fastest_ms = curve.latency(0.0), curve.latency(1.0)
-    targets = [dense_ms * 4, math.sqrt(dense_ms * fastest_ms), fastest_ms / 50]  # slow, between, unreachable
+    targets = [dense_ms * 10, math.sqrt(dense_ms * fastest_ms), fastest_ms / 50]  # slow, between, unreachable
     means = []
     for i, target in enumerate(targets):
         rows = run_actor(adaptive(overrides, calibration, f"adaptive.target_latency_ms={target}"), tmp_path / str(i))
@@ -112,6 +112,13 @@ def test_target_below_dense_throughput_runs_dense_or_at_tau_min(calibration, ove
         assert Image.open(row["image_uri"]).tobytes() == result.pixels_HWC.tobytes()
     rows = run_actor([*slow, "adaptive.tau_min=0.2"], tmp_path / "floor")
     assert {row["tau"] for row in rows} == {0.2}
+
+
+def test_job_target_is_shared_by_the_full_actor_pool(calibration, overrides):
+    for actors in ("4", "[1, 4]"):
+        cfg = load_config(CONFIG, adaptive(overrides, calibration, "adaptive.target_images_per_sec=2",
+                                           f"ray.num_actors={actors}"))
+        assert controller_for(cfg).target_ms == 2000.0  # each of 4 actors: 0.5 images/s
 
 
 def test_calibration_for_another_setup_is_refused_before_any_work(calibration, overrides, tmp_path):

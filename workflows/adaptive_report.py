@@ -1,8 +1,8 @@
 """How an adaptive run did against its target, from the job's metadata rows.
 
-Throughput here is generation throughput, the quantity the controllers steer: ray.num_actors × images / the
-actors' summed batch wall time. Actor start-up, image writing and scheduling are left out; the summary's
-wall-clock images per second includes them.
+Throughput here is generation throughput, the quantity the controllers steer: actors × images / the actors'
+summed batch wall time, with actors = ray.num_actors (the maximum of a [min, max] pool). Actor start-up,
+image writing and scheduling are left out; the summary's wall-clock images per second includes them.
 """
 
 from dataclasses import asdict, dataclass
@@ -50,10 +50,10 @@ class AdaptiveReport:
 
 def adaptive_report(table: pa.Table, cfg: JobConfig, controller: Controller) -> AdaptiveReport:
     """Summarise the τ used and the throughput achieved by the ok rows of `table`."""
-    actors = cfg.ray.num_actors
+    actors = cfg.ray.actor_range[1]
     target_ips = 1000.0 * actors / controller.target_ms
     ok = table.filter(pc.equal(table["status"], "ok"))
-    # Every image of a batch carries the batch's one wall time, so the distinct latencies are the batches.
+    # Every image of a forward carries the forward's one wall time, so the distinct latencies are the forwards.
     batch_ms = ok.group_by("latency_ms").aggregate([]).column("latency_ms").to_pylist()
     achieved = 1000.0 * actors * ok.num_rows / sum(batch_ms) if batch_ms else None
     taus = np.array(ok["tau"].to_pylist(), dtype=np.float64)

@@ -65,10 +65,10 @@ def parse_taus(text: str) -> list[float]:
     return taus
 
 
-def read_prompt_sample(uri: str, limit: int) -> list[Request]:
+def read_prompt_sample(uri: str, limit: int, endpoint_url: str | None = None) -> list[Request]:
     """The first `limit` valid prompts of a file, read in this process (a sample needs no cluster)."""
     try:
-        filesystem, path = resolve(uri)
+        filesystem, path = resolve(uri, endpoint_url)
         kind = prompt_format(uri)
         if kind == "parquet":
             rows = normalize_records(pq.read_table(path, filesystem=filesystem)).to_pylist()
@@ -89,11 +89,11 @@ def read_prompt_sample(uri: str, limit: int) -> list[Request]:
     return [Request(row["prompt"], row["seed"], row["negative_prompt"]) for row in rows]
 
 
-def sample_requests(uri: str, limit: int, batch_size: int) -> list[Request]:
+def sample_requests(uri: str, limit: int, batch_size: int, endpoint_url: str | None = None) -> list[Request]:
     """Whole batches of the sample: latency per image is that of the job's batch size."""
     if limit < batch_size:
         raise ConfigError(f"--limit {limit} is below ray.batch_size={batch_size}: calibration times whole batches")
-    requests = read_prompt_sample(uri, limit)
+    requests = read_prompt_sample(uri, limit, endpoint_url)
     whole = len(requests) - len(requests) % batch_size
     if whole == 0:
         raise ConfigError(f"prompts {uri} hold {len(requests)} valid prompts, fewer than one batch of "
@@ -103,16 +103,17 @@ def sample_requests(uri: str, limit: int, batch_size: int) -> list[Request]:
 
 def run(cfg: JobConfig, prompts: str, output: str, limit: int, taus: list[float], repeats: int) -> pa.Table:
     """Measure, then write the calibration and its plot under `output`; returns the table."""
-    requests = sample_requests(prompts, limit, cfg.ray.batch_size)
+    endpoint = cfg.storage.endpoint_url
+    requests = sample_requests(prompts, limit, cfg.ray.batch_size, endpoint)
     torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
     backend = build_backend(cfg.model, cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
     points = calibrate(backend, requests, cfg.sparsevar, taus, cfg.ray.batch_size, repeats)
     table = calibration_table(points, calibration_setup(cfg))
-    write_calibration(table, output)
+    write_calibration(table, output, endpoint)
     title = (f"{backend.name}, batch {cfg.ray.batch_size}, normalize={cfg.sparsevar.normalize}, "
              f"{len(requests)} prompts on {backend.device}")
     first_sparse = first_sparse_stage(cfg.sparsevar.model_copy(update={"enabled": True}))
-    filesystem, plot_path = resolve(join(output, PLOT_NAME))
+    filesystem, plot_path = resolve(join(output, PLOT_NAME), endpoint)
     with filesystem.open_output_stream(plot_path) as stream:
         stream.write(plot_calibration(table, first_sparse, title))
     return table
