@@ -24,6 +24,7 @@ def _text_batch(batch: pa.Table) -> pa.Table:
 # Reading and validating prompts is light I/O; asking no CPU for it keeps a pool of actors that holds every
 # core (the laptop default) from starving the reader that feeds them.
 IO_CPUS = 0
+VALIDATION_ROWS = 4096  # prompt rows validated per task
 
 
 def check_prompts(uri: str, endpoint_url: str | None = None) -> tuple[fs.FileSystem, str]:
@@ -40,16 +41,14 @@ def check_prompts(uri: str, endpoint_url: str | None = None) -> tuple[fs.FileSys
     return filesystem, path
 
 
-def read_prompts(
-    uri: str, limit: int | None = None, block_rows: int = 4096, endpoint_url: str | None = None
-) -> ray.data.Dataset:
-    """A dataset of prompt rows in blocks of `block_rows`, so that every actor of the pool gets work even from
-    one small file. Whole-file problems (missing, empty, no `prompt` column) raise ConfigError."""
+def read_prompts(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> ray.data.Dataset:
+    """A dataset of validated prompt rows. Whole-file problems (missing, empty, no `prompt` column) raise
+    ConfigError. The generation blocks are cut later, on the driver (workflows.generate.generate_dataset)."""
     filesystem, path = check_prompts(uri, endpoint_url)
     kind = prompt_format(uri)
     if kind in ("jsonl", "text"):
         ds = ray.data.read_text(path, filesystem=filesystem, num_cpus=IO_CPUS).map_batches(
-            _jsonl_batch if kind == "jsonl" else _text_batch, batch_format="pyarrow", batch_size=block_rows,
+            _jsonl_batch if kind == "jsonl" else _text_batch, batch_format="pyarrow", batch_size=VALIDATION_ROWS,
             num_cpus=IO_CPUS,
         )
     else:
@@ -59,7 +58,7 @@ def read_prompts(
         if "prompt" not in columns:
             raise ConfigError(f"prompts file {uri} has no 'prompt' column (columns: {columns}); rename the "
                               "column that holds the prompts to 'prompt'")
-        ds = ds.map_batches(normalize_records, batch_format="pyarrow", batch_size=block_rows, num_cpus=IO_CPUS)
+        ds = ds.map_batches(normalize_records, batch_format="pyarrow", batch_size=VALIDATION_ROWS, num_cpus=IO_CPUS)
     return ds.limit(limit) if limit is not None else ds
 
 
