@@ -41,6 +41,9 @@ class RayConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
+    format: Literal["files", "webdataset"] = Field(
+        "files", description="files: one image file (object) each under images/; webdataset: tar shards under shards/")
+    shard_size: int = Field(1000, ge=1, description="webdataset: images (prompt rows) per tar shard")
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
     images_per_prompt: int = Field(1, ge=1, description="images per prompt; seeds after the first are derived")

@@ -5,10 +5,18 @@ through `storage/` and returns one metadata row per prompt. A failing batch (out
 prompt) is split in halves and retried, so one bad prompt becomes one `error` row and never costs the
 others their images. With `adaptive.enabled`, a controller picks each batch's τ from the calibration and
 the batches' latencies.
+
+With `output.format: webdataset` a call gets whole shards (the driver makes one block per shard, see
+workflows.generate): it generates each shard in batches of `ray.batch_size`, appends every image to the
+shard's tar as it comes, and publishes the tar at once when the shard is complete.
 """
 
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
+from itertools import groupby
 from typing import Any
 
 import pyarrow as pa
@@ -20,10 +28,14 @@ from sparsevar.backends import build_backend
 from sparsevar.config import SparseVARConfig
 from sparsevar.generate import ImageResult, Request, generate
 from storage.checkpoints import localize_checkpoints
-from storage.images import ImageWriter
+from storage.images import EXTENSIONS, ImageWriter, encode_image
 from storage.metadata import metadata_table
+from storage.shards import ShardWriter, member_uri, sample_key
 
 log = logging.getLogger(__name__)
+
+# Stores one generated image and returns the row's location fields (image_uri, image_sha256, ...).
+Store = Callable[[dict[str, Any], ImageResult, float | None], dict[str, Any]]
 
 
 class Generator:
@@ -36,11 +48,21 @@ class Generator:
                                      self.cfg.runtime.dtype)
         self.writer = ImageWriter(output, self.cfg.output.image_format, self.cfg.output.quality,
                                   self.cfg.storage.endpoint_url)
+        self.output = output
         self.controller = controller_for(self.cfg) if self.cfg.adaptive.enabled else None
         self._warned_missed = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        if self.cfg.output.format == "files":
+            return metadata_table(self._generate_rows(rows, self._write_file))
+        out = []
+        for index, group in groupby(rows, key=lambda row: row["shard"]):
+            out += self._generate_shard(index, list(group))
+        return metadata_table(out)
+
+    def _generate_rows(self, rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
+        """One batch: its metadata rows, input errors first; `store` keeps each image."""
         todo = [row for row in rows if row["error"] is None]
         sv = self._sparsevar()
         tau = sv.tau if sv.enabled else None
@@ -49,9 +71,58 @@ class Generator:
             self._observe(sv.tau, results)
         out = [self._error_row(row, row["error"], tau) for row in rows if row["error"] is not None]
         for row, result in zip(todo, results, strict=True):
-            out.append(self._ok_row(row, result, tau) if isinstance(result, ImageResult)
+            out.append(self._ok_row(row, result, tau, store) if isinstance(result, ImageResult)
                        else self._error_row(row, result, tau))
-        return metadata_table(out)
+        return out
+
+    def _generate_shard(self, index: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate a whole shard and publish its tar; if the tar cannot be written, every image row of the shard
+        becomes an error row (the shard is then missing, so a resumed run makes it again)."""
+        if len(rows) != rows[0]["shard_rows"]:  # a partial tar would replace the whole one: never write it
+            raise RuntimeError(f"shard {index} arrived split: {len(rows)} of its {rows[0]['shard_rows']} rows in one "
+                               "batch (the driver must give each shard one block)")
+        B = self.cfg.ray.batch_size
+        out: list[dict[str, Any]] = []
+        with ShardWriter(self.output, index, self.cfg.storage.endpoint_url) as writer:
+            def store(row: dict[str, Any], result: ImageResult, tau: float | None) -> dict[str, Any]:
+                return self._write_sample(writer, row, result, tau)
+
+            for start in range(0, len(rows), B):
+                if writer.error is not None:  # the tar is lost: report the rest without generating it
+                    out += [self._error_row(row, row["error"] or f"writing shard {writer.name} failed: "
+                                            f"{writer.error}", None) for row in rows[start:]]
+                    break
+                out += self._generate_rows(rows[start:start + B], store)
+            failure = writer.error
+            if failure is None:
+                try:
+                    writer.publish()
+                except Exception as exc:  # noqa: BLE001 - reported on the shard's rows
+                    failure = f"{type(exc).__name__}: {exc}"
+        if failure is not None:
+            log.warning("shard %s failed: %s", writer.name, failure)
+            message = f"writing shard {writer.name} failed: {failure}"
+            out = [row if row["status"] == "error" else self._error_row(row, message, row["tau"]) for row in out]
+        return [{**row, "shard": writer.uri} for row in out]
+
+    def _write_file(self, row: dict[str, Any], result: ImageResult, tau: float | None) -> dict[str, Any]:
+        uri, sha256 = self.writer.write(row["prompt_id"], row["seed"], result.pixels_HWC)
+        return {"image_uri": uri, "image_sha256": sha256}
+
+    def _write_sample(self, writer: ShardWriter, row: dict[str, Any], result: ImageResult,
+                      tau: float | None) -> dict[str, Any]:
+        """Append the image, its record (.json) and its prompt (.txt) to the shard as one sample."""
+        fmt = self.cfg.output.image_format
+        data = encode_image(result.pixels_HWC, fmt, self.cfg.output.quality)
+        key, sha256 = sample_key(row["prompt_id"], row["seed"]), hashlib.sha256(data).hexdigest()
+        height, width = result.pixels_HWC.shape[:2]
+        record = {"key": key, "prompt_id": row["prompt_id"], "prompt": row["prompt"], "seed": row["seed"],
+                  "negative_prompt": row.get("negative_prompt"), "h_div_w": row.get("h_div_w"),
+                  "model": self.backend.name, "width": width, "height": height, "tau": tau, "image_sha256": sha256}
+        writer.add(key, {EXTENSIONS[fmt]: data, "json": json.dumps(record, ensure_ascii=False).encode("utf-8"),
+                         "txt": row["prompt"].encode("utf-8")})
+        return {"image_uri": member_uri(writer.uri, key, EXTENSIONS[fmt]), "image_sha256": sha256,
+                "sample_key": key}
 
     def _sparsevar(self) -> SparseVARConfig:
         """This batch's settings: the configured ones, with the controller's τ when adaptive."""
@@ -97,18 +168,17 @@ class Generator:
                         type(exc).__name__, exc, half, len(rows) - half)
             return self._generate(rows[:half], sv) + self._generate(rows[half:], sv)
 
-    def _ok_row(self, row: dict[str, Any], result: ImageResult, tau: float | None) -> dict[str, Any]:
+    def _ok_row(self, row: dict[str, Any], result: ImageResult, tau: float | None, store: Store) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            uri, sha256 = self.writer.write(row["prompt_id"], row["seed"], result.pixels_HWC)
+            location = store(row, result, tau)
         except Exception as exc:  # noqa: BLE001 - a failed write is that row's error, not the batch's
             return self._error_row(row, f"writing the image failed: {type(exc).__name__}: {exc}", tau)
-        log.debug("wrote %s in %.1f ms", uri, (time.perf_counter() - started) * 1e3)
+        log.debug("wrote %s in %.1f ms", location["image_uri"], (time.perf_counter() - started) * 1e3)
         height, width = result.pixels_HWC.shape[:2]
         return {
-            **self._base_row(row, tau), "status": "ok", "width": width, "height": height, "image_uri": uri,
-            "image_sha256": sha256, "latency_ms": result.latency_ms,
-            "stages": [vars(stage) for stage in result.stages],
+            **self._base_row(row, tau), "status": "ok", "width": width, "height": height, **location,
+            "latency_ms": result.latency_ms, "stages": [vars(stage) for stage in result.stages],
         }
 
     def _error_row(self, row: dict[str, Any], message: str, tau: float | None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Benchmark adaptive τ: measure dense throughput, then run targets of 1.2x and 1.5x it, for each normalize mode.
 
-    python -m benchmarks.adaptive --config configs/tiny.yaml --prompts configs/prompts/sample.jsonl
+    python -m benchmarks.adaptive --config configs/tiny-random.yaml --prompts configs/prompts/sample.jsonl
 
 Runs generation actors' code (actors.generator.Generator) in this process without Ray, so the figures are the
 controller's and the device's, not the scheduler's. Each mode is calibrated first (dense and a τ grid). For
@@ -33,7 +33,7 @@ Batch = tuple[float | None, float, int]  # τ, batch latency ms, images
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--config", default="configs/tiny-random.yaml")
     parser.add_argument("--prompts", default="configs/prompts/sample.jsonl", help="cycled with new seeds as needed")
     parser.add_argument("--batches", type=int, default=12, help="batches per run (default 12)")
     parser.add_argument("--settle", type=int, default=3, help="batches left out of the settled figures (default 3)")

@@ -1,6 +1,6 @@
 """Which normalize mode lets adaptive τ track a target better, measured on a clock that machine load cannot move.
 
-    python -m benchmarks.adaptive_cost --config configs/tiny.yaml --prompts configs/prompts/sample.jsonl
+    python -m benchmarks.adaptive_cost --config configs/tiny-random.yaml --prompts configs/prompts/sample.jsonl
 
 The wall-clock benchmark (benchmarks.adaptive) mixes two things: how predictable a batch's cost is at a given
 τ, which depends on the mode, and the noise of a shared machine, which does not. This one keeps the first
@@ -28,7 +28,7 @@ from workflows.config import load_config
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive_cost", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--config", default="configs/tiny-random.yaml")
     parser.add_argument("--prompts", default="configs/prompts/sample.jsonl", help="cycled with new seeds as needed")
     parser.add_argument("--batches", type=int, default=16, help="batches per run (default 16)")
     parser.add_argument("--settle", type=int, default=3, help="batches left out of the settled figures (default 3)")

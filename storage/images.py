@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import uuid
@@ -21,6 +22,9 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MAX_NAME_LENGTH = 100
+IMAGE_DIR = "images"
+# Hugging Face `imagefolder` metadata: one JSON object a line, `file_name` relative to the file's own folder.
+IMAGEFOLDER_METADATA = "metadata.jsonl"
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -43,7 +47,7 @@ def safe_name(prompt_id: str) -> str:
 
 def image_key(prompt_id: str, seed: int, fmt: ImageFormat) -> str:
     """Name the image by (id, seed) only, so a retried or resumed run overwrites rather than duplicates."""
-    return f"images/{safe_name(prompt_id)}-s{seed}.{EXTENSIONS[fmt]}"
+    return f"{IMAGE_DIR}/{safe_name(prompt_id)}-s{seed}.{EXTENSIONS[fmt]}"
 
 
 def _check_options(fmt: str, quality: int) -> None:
@@ -112,3 +116,23 @@ class ImageWriter:
         else:
             put_bytes(uri, data, CONTENT_TYPES[self.fmt], self.endpoint_url)
         return uri, hashlib.sha256(data).hexdigest()
+
+
+def write_imagefolder_metadata(output_uri: str, records: list[dict], endpoint_url: str | None = None) -> str | None:
+    """Write ``{output}/images/metadata.jsonl`` (replacing it whole, atomically), so that
+    ``datasets.load_dataset("imagefolder", data_dir="{output}/images")`` loads the images with their columns.
+
+    Each record needs ``file_name`` (the image's name in the folder); every record must have the same keys.
+    Nothing is written for no records. Returns the file's URI.
+    """
+    if not records:
+        return None
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+    filesystem, root = resolve(output_uri, endpoint_url)
+    if isinstance(filesystem, fs.LocalFileSystem):
+        uri = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
+        _write_local_atomically(uri, data)
+    else:
+        uri = join(output_uri, IMAGE_DIR, IMAGEFOLDER_METADATA)
+        put_bytes(uri, data, "application/jsonl", endpoint_url)
+    return uri

@@ -36,6 +36,10 @@ METADATA_SCHEMA = pa.schema(
         ("stages", pa.list_(STAGE_TYPE)),
         ("status", pa.string()),
         ("error", pa.string()),
+        # webdataset layout only (null for `files`): the tar shard holding the row's sample, and the sample's key
+        # in it; image_uri is then `{shard}#{sample_key}.{ext}`. Error rows carry their shard too.
+        ("shard", pa.string()),
+        ("sample_key", pa.string()),
     ]
 )
 
@@ -58,8 +62,9 @@ def metadata_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
 
 
-def read_metadata(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
-    """Read every Parquet file under ``{output_uri}/metadata/``, e.g. to find work a resumed run can skip.
+def read_metadata(output_uri: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read every Parquet file under ``{output_uri}/metadata/`` (only ``columns`` when given), e.g. to find work
+    a resumed run can skip. Files written before a column existed read it as null.
 
     Only ``*.parquet`` files count; hidden or ``_``-prefixed files and folders (temp files, markers)
     are skipped so an interrupted writer's leftovers cannot break the read.
@@ -72,9 +77,10 @@ def read_metadata(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
         if info.type == fs.FileType.File and _is_visible_parquet(info.path[len(folder) :])
     ]
     if not files:
-        return METADATA_SCHEMA.empty_table()
+        empty = METADATA_SCHEMA.empty_table()
+        return empty.select(columns) if columns is not None else empty
     dataset = ds.dataset(sorted(files), schema=METADATA_SCHEMA, format="parquet", filesystem=filesystem)
-    return dataset.to_table()
+    return dataset.to_table(columns=columns)
 
 
 def _is_visible_parquet(relative_path: str) -> bool:

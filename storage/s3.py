@@ -41,3 +41,9 @@ def put_bytes(uri: str, data: bytes, content_type: str, endpoint_url: str | None
     bucket, key = split_uri(uri)
     client(endpoint_url).upload_fileobj(io.BytesIO(data), bucket, key, ExtraArgs={"ContentType": content_type},
                                         Config=TRANSFER)
+
+
+def put_file(uri: str, path: str, content_type: str, endpoint_url: str | None = None) -> None:
+    """Upload a local file as one object (multipart when large); like put_bytes, it appears only once complete."""
+    bucket, key = split_uri(uri)
+    client(endpoint_url).upload_file(path, bucket, key, ExtraArgs={"ContentType": content_type}, Config=TRANSFER)

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sparsevar.adaptive import AdaptiveConfig, Controller, Curve, per_actor_latency_ms
 from workflows.config import ConfigError, load_config
 
-TINY = "configs/tiny.yaml"
+TINY = "configs/tiny-random.yaml"
 GRID = [i / 10 for i in range(11)]
 
 

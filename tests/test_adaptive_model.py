@@ -25,7 +25,7 @@ from workflows.generate import EXIT_BAD_INPUT, EXIT_OK, Summary, main, run, run_
 from workflows.run_record import write_run_json
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny.yaml"
+CONFIG = ROOT / "configs" / "tiny-random.yaml"
 SAMPLE = ROOT / "configs" / "prompts" / "sample.jsonl"
 # A model small enough that a batch takes a fraction of a second; quantile, the adaptive default.
 SMALL = ("model.dim=64", "model.depth=4", "model.heads=2", "model.decoder_channels=16", "sparsevar.score_block=2",

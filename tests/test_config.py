@@ -4,13 +4,14 @@ import pytest
 
 from workflows.config import ConfigError, apply_override, load_config
 
-TINY = "configs/tiny.yaml"
+TINY = "configs/tiny-random.yaml"
 
 
-def test_shipped_tiny_config_is_valid_and_leaves_three_sparse_stages():
-    cfg = load_config(TINY)
+@pytest.mark.parametrize(("path", "last_map"), [("configs/tiny.yaml", 16), (TINY, 32)])
+def test_shipped_tiny_configs_are_valid_and_leave_three_sparse_stages(path, last_map):
+    cfg = load_config(path)
     assert cfg.model.backend == "tiny"
-    assert len(cfg.model.patch_sizes) >= 10 and cfg.model.patch_sizes[-1] >= 32
+    assert len(cfg.model.patch_sizes) >= 10 and cfg.model.patch_sizes[-1] == last_map
     assert len(cfg.model.patch_sizes) - cfg.sparsevar.start_stage + 1 >= 3
     assert cfg.sparsevar.enabled
 
@@ -33,6 +34,8 @@ def test_overrides_are_parsed_as_yaml_values():
         ("ray.batch_size=0", "ray.batch_size"),
         ("model.backend=nonesuch", "model"),
         ("model.patch_sizes=[2, 4]", "model.patch_sizes"),
+        ("output.format=tar", "output.format: Input should be 'files' or 'webdataset'"),
+        ("output.shard_size=0", "output.shard_size"),
     ],
 )
 def test_bad_keys_and_values_are_rejected_by_name(override, named):

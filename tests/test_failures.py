@@ -25,7 +25,7 @@ def prompts(tmp_path_factory) -> Path:
 def start_job(ray_cluster, fast_overrides, prompts: Path, out: Path) -> subprocess.Popen:
     overrides = [*fast_overrides, "ray.batch_size=1"]
     return subprocess.Popen(
-        [sys.executable, "-m", "workflows.generate", "--config", "configs/tiny.yaml", "--prompts", str(prompts),
+        [sys.executable, "-m", "workflows.generate", "--config", "configs/tiny-random.yaml", "--prompts", str(prompts),
          "--output", str(out), *[a for o in overrides for a in ("--set", o)]],
         env={**os.environ, "RAY_ADDRESS": ray_cluster.address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,

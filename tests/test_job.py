@@ -12,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from storage.images import IMAGEFOLDER_METADATA
 from storage.metadata import METADATA_SCHEMA, read_metadata
 from storage.prompts import default_id, default_seed
 from workflows.config import load_config
 from workflows.generate import EXIT_BAD_INPUT, EXIT_OK, EXIT_ROWS_FAILED, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny.yaml"
+CONFIG = ROOT / "configs" / "tiny-random.yaml"
 SAMPLE = ROOT / "configs" / "prompts" / "sample.jsonl"
 SAMPLE_ROWS = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
 
@@ -42,8 +43,10 @@ def sha256_file(path: Path) -> str:
 
 
 def image_files(output: Path) -> dict[str, str]:
-    """File name -> sha256 of every entry in {output}/images/ (hidden temp files included, so leftovers show)."""
-    return {path.name: sha256_file(path) for path in sorted((output / "images").iterdir())}
+    """File name -> sha256 of every entry in {output}/images/ but the imagefolder index (hidden temp files
+    included, so leftovers show)."""
+    folder = output / "images"
+    return {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.name != IMAGEFOLDER_METADATA}
 
 
 def sha_by_key(output: Path) -> dict[tuple[str, int], str]:
@@ -211,12 +214,24 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     ("argv_tail", "named"),
     [
         (["--prompts", str(SAMPLE), "--set", "sparsevar.taux=1"], "sparsevar.taux: unknown key"),
+        (["--prompts", str(SAMPLE), "--set", "output.format=tar"], "output.format: Input should be 'files' or"),
         (["--prompts", "{tmp}/missing.jsonl"], "prompts file not found: {tmp}/missing.jsonl"),
+        (["--prompts", "{tmp}/empty.jsonl"], "prompts file {tmp}/empty.jsonl is empty: add one prompt per line"),
+        (["--prompts", "ftp://host/p.jsonl"], "cannot open prompts ftp://host/p.jsonl: unsupported location"),
+        (["--prompts", str(SAMPLE), "--output", "ftp://host/out"], "unsupported location 'ftp://host/out': use a"),
     ],
-    ids=["unknown-config-key", "missing-prompts-file"],
+    ids=[
+        "unknown-config-key",
+        "bad-output-format",
+        "missing-prompts-file",
+        "empty-prompts-file",
+        "bad-prompts-uri",
+        "bad-output-uri",
+    ],
 )
 def test_bad_input_exits_2_before_any_work(ray_cluster, tmp_path, capsys, argv_tail, named):
     output = tmp_path / "out"
+    (tmp_path / "empty.jsonl").write_text("")
     argv_tail = [arg.replace("{tmp}", str(tmp_path)) for arg in argv_tail]
     assert main(["--config", str(CONFIG), "--output", str(output), *argv_tail]) == EXIT_BAD_INPUT
     captured = capsys.readouterr()
@@ -263,3 +278,22 @@ def test_text_prompts_with_limit(ray_cluster, fast_overrides, tmp_path):
         assert prompt_id == default_id(row["prompt"])
         assert row["seed"] == default_seed(prompt_id)
         assert_ok_row(row, output)
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "named"),
+    [
+        (["--prompts", "{tmp}/no-prompt-column.csv"], "has no 'prompt' column (columns: ['id', 'text']); rename"),
+        (["--prompts", str(SAMPLE), "--set", "output.format=webdataset"], "already holds the files layout"),
+    ],
+    ids=["csv-without-prompt-column", "other-output-format"],
+)
+def test_rejected_rerun_leaves_the_output_as_it_was(base_run, fast_overrides, tmp_path, capsys, argv_tail, named):
+    """Input problems found only once the prompts are read still come before the first write to the output."""
+    _, output = base_run
+    (tmp_path / "no-prompt-column.csv").write_text("id,text\na,a cat\n")
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    argv_tail = [arg.replace("{tmp}", str(tmp_path)) for arg in argv_tail]
+    assert run_job(argv_tail[1], output, fast_overrides, *argv_tail[2:]) == EXIT_BAD_INPUT
+    assert named in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before

@@ -3,11 +3,22 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from storage.images import ImageWriter
 from storage.metadata import metadata_table
 from storage.prompts import PROMPT_SCHEMA, derived_seed
-from workflows.resume import completed_keys, expand_images, mark_duplicates, pending
+from storage.shards import shard_name
+from workflows.config import ConfigError
+from workflows.resume import (
+    assign_shards,
+    completed_keys,
+    expand_images,
+    mark_duplicates,
+    pending,
+    plan_shards,
+    unrecord_shards,
+)
 
 
 def prompts(*rows) -> pa.Table:
@@ -50,3 +61,53 @@ def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
     # b and c are generated again; c's input error was already recorded; d's was not
     assert list(zip(todo["prompt_id"].to_pylist(), todo["error"].to_pylist(), strict=True)) == [
         ("b", None), ("c", None), ("d", "x")]
+
+
+# --- webdataset: whole shards --------------------------------------------------------------------------------------
+
+
+def shard_row(pid: str, shard: int, status: str = "ok") -> dict:
+    return {"prompt_id": pid, "prompt": pid, "seed": 1, "model": "tiny", "status": status,
+            "error": None if status == "ok" else "boom", "shard": f"/out/shards/{shard_name(shard)}"}
+
+
+def test_shards_are_redone_whole_unless_their_tar_and_all_their_rows_are_there(tmp_path):
+    table = assign_shards(prompts(*[(f"p{i}", 1, None) for i in range(7)]), 3)  # shards 0-2 of 3, 3, 1 rows
+    assert table["shard"].to_pylist() == [0, 0, 0, 1, 1, 1, 2]
+    assert table["shard_rows"].to_pylist() == [3, 3, 3, 3, 3, 3, 1]
+    (tmp_path / "shards").mkdir()
+    for index in (0, 2):  # shard 1's tar is gone
+        (tmp_path / "shards" / shard_name(index)).write_bytes(b"tar")
+    (tmp_path / "shards" / f".{shard_name(1)}.abc.tmp").write_bytes(b"partial")  # not a published shard
+    (tmp_path / "metadata").mkdir()
+    # shard 0 complete (an error row counts as recorded); shard 1 recorded but its tar is gone; shard 2's tar is
+    # there but its row was never recorded; a row of a shard this run does not ask for is left alone
+    first = [shard_row("p0", 0), shard_row("p1", 0, "error"), shard_row("p3", 1), shard_row("p4", 1)]
+    pq.write_table(metadata_table(first), tmp_path / "metadata" / "run1.parquet")
+    pq.write_table(metadata_table([shard_row("p2", 0), shard_row("p5", 1), shard_row("zz", 9)]),
+                   tmp_path / "metadata" / "run2.parquet")
+    plan = plan_shards(table, str(tmp_path))
+    assert plan.done == [shard_name(0)]
+    assert plan.todo["prompt_id"].to_pylist() == ["p3", "p4", "p5", "p6"]
+    assert plan.unrecord == {str(tmp_path / "metadata" / f): {shard_name(1)} for f in ("run1.parquet", "run2.parquet")}
+
+    assert unrecord_shards(str(tmp_path), plan.unrecord) == 3
+    left = pq.read_table(tmp_path / "metadata")
+    assert sorted(left["prompt_id"].to_pylist()) == ["p0", "p1", "p2", "zz"]
+    assert sorted(p.name for p in (tmp_path / "metadata").iterdir()) == ["run1.parquet", "run2.parquet"]
+    assert plan_shards(table, str(tmp_path)).unrecord == {}  # nothing of the shards to redo is recorded now
+
+
+def test_shard_plan_refuses_an_output_written_another_way(tmp_path):
+    (tmp_path / "metadata").mkdir()
+    table = assign_shards(prompts(("p0", 1, None), ("p1", 1, None)), 1)
+    pq.write_table(metadata_table([shard_row("p1", 0)]), tmp_path / "metadata" / "a.parquet")
+    with pytest.raises(ConfigError, match=r"holds prompt 'p1' \(seed 1\) in shard images-000000.tar, but this run "
+                                          r"puts it in images-000001.tar.*output.shard_size"):
+        plan_shards(table, str(tmp_path))
+    with pytest.raises(ConfigError, match="already holds the webdataset layout.*set output.format: webdataset"):
+        completed_keys(str(tmp_path))
+    files_row = {**shard_row("p0", 0), "shard": None, "image_uri": str(tmp_path / "images" / "p0-s1.png")}
+    pq.write_table(metadata_table([files_row]), tmp_path / "metadata" / "a.parquet")
+    with pytest.raises(ConfigError, match="already holds the files layout.*set output.format: files"):
+        plan_shards(table, str(tmp_path))

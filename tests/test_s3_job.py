@@ -1,15 +1,19 @@
-"""The job against a real S3 endpoint on loopback: prompts read from it, images and Parquet written to it,
-and a re-run that resumes from it."""
+"""The job against a real S3 endpoint on loopback: prompts read from it, images (files or WebDataset shards) and
+Parquet written to it, a re-run that resumes from it, and buckets the job may not use."""
 
 import hashlib
+import io
 import json
+import tarfile
+import uuid
 
 import boto3
 import pyarrow.parquet as pq
 import pytest
+from moto.core import enable_iam_authentication
 
 from storage.uris import resolve
-from workflows.generate import main
+from workflows.generate import EXIT_BAD_INPUT, main
 
 
 @pytest.fixture
@@ -26,12 +30,14 @@ def objects(s3, prefix: str) -> dict[str, bytes]:
 
 
 def test_prompts_images_and_metadata_on_s3_and_resume(ray_cluster, fast_overrides, s3_endpoint, bucket, capsys):
-    argv = ["--config", "configs/tiny.yaml", "--prompts", "s3://bucket/in/prompts.jsonl", "--output",
+    argv = ["--config", "configs/tiny-random.yaml", "--prompts", "s3://bucket/in/prompts.jsonl", "--output",
             "s3://bucket/out/run1", *[a for o in [*fast_overrides, f"storage.endpoint_url={s3_endpoint}"]
                                       for a in ("--set", o)]]
     assert main(argv) == 0
     images = objects(bucket, "out/run1/images/")
+    index = [json.loads(line) for line in images.pop("out/run1/images/metadata.jsonl").decode().splitlines()]
     assert sorted(images) == [f"out/run1/images/p{i}-s{i}.png" for i in range(5)]
+    assert [r["file_name"] for r in index] == [f"p{i}-s{i}.png" for i in range(5)]  # Hugging Face imagefolder
     head = bucket.head_object(Bucket="bucket", Key="out/run1/images/p0-s0.png")
     assert head["ContentType"] == "image/png"
     filesystem, path = resolve("s3://bucket/out/run1/metadata", s3_endpoint)
@@ -49,4 +55,78 @@ def test_prompts_images_and_metadata_on_s3_and_resume(ray_cluster, fast_override
     assert main(argv) == 0
     assert "images written: 0" in capsys.readouterr().out
     assert pq.read_table(path, filesystem=filesystem).num_rows == 5
-    assert objects(bucket, "out/run1/images/") == images
+    assert {k: v for k, v in objects(bucket, "out/run1/images/").items() if k.endswith(".png")} == images
+
+
+def test_webdataset_job_on_s3_writes_shards_and_remakes_a_lost_one(ray_cluster, fast_overrides, s3_endpoint, bucket,
+                                                                   capsys):
+    overrides = [*fast_overrides, f"storage.endpoint_url={s3_endpoint}", "output.format=webdataset",
+                 "output.shard_size=2"]
+    argv = ["--config", "configs/tiny-random.yaml", "--prompts", "s3://bucket/in/prompts.jsonl", "--output",
+            "s3://bucket/out/wds", *[a for o in overrides for a in ("--set", o)]]
+    assert main(argv) == 0
+    shards = objects(bucket, "out/wds/shards/")
+    assert sorted(shards) == [f"out/wds/shards/images-00000{i}.tar" for i in range(3)]  # 2 + 2 + 1 samples
+    head = bucket.head_object(Bucket="bucket", Key="out/wds/shards/images-000000.tar")
+    assert head["ContentType"] == "application/x-tar"
+    assert not objects(bucket, "out/wds/images/")
+    filesystem, path = resolve("s3://bucket/out/wds/metadata", s3_endpoint)
+    table = pq.read_table(path, filesystem=filesystem)
+    assert table.num_rows == 5 and set(table["status"].to_pylist()) == {"ok"}
+    for row in table.to_pylist():
+        assert row["image_uri"] == f"{row['shard']}#{row['sample_key']}.png"
+        with tarfile.open(fileobj=io.BytesIO(shards[row["shard"].removeprefix("s3://bucket/")])) as tar:
+            image = tar.extractfile(f"{row['sample_key']}.png").read()
+            assert tar.extractfile(f"{row['sample_key']}.txt").read().decode() == row["prompt"]
+        assert hashlib.sha256(image).hexdigest() == row["image_sha256"]
+
+    # a lost shard is made again, byte for byte, and its rows are recorded once
+    bucket.delete_object(Bucket="bucket", Key="out/wds/shards/images-000001.tar")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "images written: 2" in capsys.readouterr().out
+    assert objects(bucket, "out/wds/shards/") == shards
+    again = pq.read_table(path, filesystem=filesystem)
+    assert sorted(again["image_uri"].to_pylist()) == sorted(table["image_uri"].to_pylist())
+
+
+@pytest.fixture
+def locked_bucket(s3_endpoint, monkeypatch):
+    """A bucket the job's credentials may not use: the endpoint enforces IAM, and the credentials are those of a
+    user allowed only `bucket`."""
+    name, user = f"locked-{uuid.uuid4().hex[:8]}", f"job-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=name)
+    s3.put_object(Bucket=name, Key="prompts.jsonl", Body=b'{"prompt": "a cat"}\n')
+    iam.create_user(UserName=user)
+    allow = {"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::bucket", "arn:aws:s3:::bucket/*"]}
+    iam.put_user_policy(UserName=user, PolicyName="bucket-only",
+                        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [allow]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    with enable_iam_authentication():
+        yield name
+
+
+def test_buckets_that_are_missing_or_forbidden_are_named_before_any_work(ray_cluster, fast_overrides, s3_endpoint,
+                                                                         locked_bucket, tmp_path, capsys):
+    sets = [a for o in [*fast_overrides, f"storage.endpoint_url={s3_endpoint}"] for a in ("--set", o)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n')
+    cases = [
+        (f"s3://{locked_bucket}/prompts.jsonl", "s3://bucket/out/x",
+         f"cannot open prompts s3://{locked_bucket}/prompts.jsonl: "),
+        # S3 answers 403, not 404, for a bucket the credentials may not list, missing or not
+        ("s3://no-such-bucket/prompts.jsonl", "s3://bucket/out/x", "prompts s3://no-such-bucket/prompts.jsonl: "),
+        (str(prompts), f"s3://{locked_bucket}/out", f"output s3://{locked_bucket}/out: "),
+    ]
+    for source, output, named in cases:
+        assert main(["--config", "configs/tiny-random.yaml", "--prompts", source, "--output", output, *sets]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert named in err, err
+        assert "ACCESS_DENIED" in err or "not found" in err, err
+        assert "check the URI, the endpoint and your access" in err or "try configs/prompts/sample.jsonl" in err, err
+    session = boto3.session.Session()  # not the default session: that one holds the earlier credentials
+    assert not objects(session.client("s3", endpoint_url=s3_endpoint), "out/x")  # nothing started

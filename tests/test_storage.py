@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import re
+import tarfile
 
 import boto3
 import numpy as np
@@ -15,6 +16,7 @@ from pyarrow import fs
 from storage import images
 from storage.images import ImageWriter, encode_image, image_key, safe_name
 from storage.metadata import METADATA_SCHEMA, STAGE_TYPE, metadata_table, read_metadata
+from storage.shards import ShardWriter, list_shards, remove_temp_files, sample_key
 from storage.uris import join, resolve
 
 SAFE = re.compile(r"[A-Za-z0-9._-]+")
@@ -263,7 +265,7 @@ def _row(prompt_id: str = "cat", **overrides) -> dict:
 def test_metadata_schema_field_order():
     assert METADATA_SCHEMA.names == [
         "prompt_id", "prompt", "seed", "model", "width", "height", "image_uri", "image_sha256",
-        "tau", "latency_ms", "stages", "status", "error",
+        "tau", "latency_ms", "stages", "status", "error", "shard", "sample_key",
     ]  # fmt: skip
     assert METADATA_SCHEMA.field("stages").type == pa.list_(STAGE_TYPE)
 
@@ -336,3 +338,52 @@ def test_image_writer_and_read_metadata_on_s3(s3_endpoint):
     s3.put_object(Bucket="bucket", Key="run/metadata/0.parquet", Body=buffer.getvalue())
     table = read_metadata("s3://bucket/run", endpoint_url=s3_endpoint)
     assert table.column("prompt_id").to_pylist() == ["a"]
+
+
+# --- WebDataset shards -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_id", ["cat", "v1.0", "a/b", "../x", ".hidden", "a b.c", "ü", "x" * 200])
+def test_sample_keys_hold_no_dots_or_slashes(prompt_id):
+    key = sample_key(prompt_id, 7)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+-s7", key), key
+    assert len(f"{key}.json") <= 100  # a plain tar name, no extension headers needed
+
+
+def test_sample_keys_keep_safe_ids_and_stay_distinct():
+    assert sample_key("cat_01-A", 3) == "cat_01-A-s3"
+    keys = {sample_key(pid, 1) for pid in ["a.b", "a_b", "a/b", "a-b", "x" * 200, "x" * 201]}
+    assert len(keys) == 6
+
+
+def _members(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_shard_writer_publishes_a_whole_deterministic_tar(tmp_path):
+    samples = {"k1": {"png": b"\x89PNG1", "json": b'{"a": 1}', "txt": b"a cat"}, "k2": {"png": b"\x89PNG2"}}
+    for out in ("a", "b"):
+        with ShardWriter(str(tmp_path / out), 3) as writer:
+            for key, members in samples.items():
+                writer.add(key, members)
+            assert os.listdir(tmp_path / out / "shards")[0].startswith(".images-000003.tar.")  # hidden until done
+            writer.publish()
+        assert writer.uri == str(tmp_path / out / "shards" / "images-000003.tar")
+        assert os.listdir(tmp_path / out / "shards") == ["images-000003.tar"]
+    first, second = (tmp_path / out / "shards" / "images-000003.tar" for out in ("a", "b"))
+    assert first.read_bytes() == second.read_bytes()
+    names = [(key, ext) for key, members in samples.items() for ext in members]
+    assert _members(first) == [(f"{key}.{ext}", samples[key][ext]) for key, ext in names]
+    assert list_shards(str(tmp_path / "a")) == {"images-000003.tar"}
+
+
+def test_shard_writer_leaves_nothing_when_not_published_or_failing(tmp_path):
+    with ShardWriter(str(tmp_path), 0) as writer:
+        writer.add("k", {"txt": b"x"})
+    with pytest.raises(ValueError, match="no dots"):
+        ShardWriter(str(tmp_path), 1).add("k.v", {"txt": b"x"})
+    (leftover,) = os.listdir(tmp_path / "shards")  # the unfinished shard 1, as if its writer were killed
+    assert leftover.startswith(".images-000001.tar.") and leftover.endswith(".tmp")
+    assert remove_temp_files(str(tmp_path)) == 1  # what a killed writer left
+    assert os.listdir(tmp_path / "shards") == [] and list_shards(str(tmp_path)) == set()

@@ -15,7 +15,7 @@ def test_ray_job_submit_generates_into_the_output(ray_cluster, fast_overrides, t
     overrides = [arg for o in fast_overrides for arg in ("--set", o)]
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
                "--working-dir", str(REPO), "--runtime-env-json", '{"excludes": [".venv", ".git", "out", "*.egg-info"]}',
-               "--", "python", "-m", "workflows.generate", "--config", "configs/tiny.yaml",
+               "--", "python", "-m", "workflows.generate", "--config", "configs/tiny-random.yaml",
                "--prompts", "configs/prompts/sample.jsonl", "--output", str(out), "--limit", "3", *overrides]
     deadline = time.monotonic() + 180  # a fresh head node's job agent can take a while on a busy machine
     while True:

@@ -2,14 +2,15 @@
 
     python -m workflows.generate --config configs/tiny.yaml --prompts configs/prompts/sample.jsonl --output ./out
 
-Joins the cluster in RAY_ADDRESS (as under `ray job submit`) or starts a local one. Writes images, metadata
-and `{output}/run.json`. Exit status: 0 when every row is ok, 1 when some rows failed, 2 for a config or
-input error found before any work starts.
+Joins the cluster in RAY_ADDRESS (as under `ray job submit`) or starts a local one. Writes images (files, or
+WebDataset tar shards), metadata and `{output}/run.json`. Exit status: 0 when every row is ok, 1 when some rows
+failed, 2 for a config or input error found before any work starts.
 """
 
 import argparse
 import math
 import os
+import posixpath
 import sys
 import time
 import uuid
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,12 +29,22 @@ from actors.calibration import CalibrationError, controller_for
 from actors.config import JobConfig
 from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
-from storage.metadata import METADATA_DIR, METADATA_SCHEMA
+from storage.images import write_imagefolder_metadata
+from storage.metadata import METADATA_DIR, METADATA_SCHEMA, read_metadata
+from storage.shards import remove_temp_files
 from storage.uris import join, resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
 from workflows.config import ConfigError, load_config
 from workflows.prompts import IO_CPUS, check_prompts, read_prompt_table
-from workflows.resume import completed_keys, expand_images, mark_duplicates, pending
+from workflows.resume import (
+    assign_shards,
+    completed_keys,
+    expand_images,
+    mark_duplicates,
+    pending,
+    plan_shards,
+    unrecord_shards,
+)
 from workflows.run_record import write_run_json
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -86,62 +98,112 @@ def connect_ray() -> None:
         ray.init(include_dashboard=False)
 
 
+@dataclass(frozen=True)
+class Plan:
+    todo: pa.Table  # rows to generate (webdataset: whole shards, with `shard` and `shard_rows`)
+    skipped: int  # rows the output already holds
+    unrecord: dict[str, set[str]]  # webdataset: metadata file -> shards whose rows to take out before generating
+
+
 def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> Summary:
     """Run the pipeline (read, generate in an actor pool, write Parquet), summarise this run's rows and
-    record the run in `{output}/run.json`."""
+    record the run in `{output}/run.json`.
+
+    Everything that can reject the input (prompts, output location, an output written with another layout) is
+    checked before the first write, so a rejected run leaves an existing output as it was."""
     try:  # read and check the calibration here, before any actor starts
         controller = controller_for(cfg) if cfg.adaptive.enabled else None
     except CalibrationError as exc:
         raise ConfigError(f"adaptive.calibration: {exc}") from None
     endpoint = cfg.storage.endpoint_url
     run_id, started_at = uuid.uuid4().hex[:12], datetime.now(UTC)
+    check_output(output, endpoint)
+    filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
+    job = plan(cfg, prompts, output, limit)
     try:  # fails early, naming the output, when it is not writable
         write_run_json(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat()}, endpoint)
     except OSError as exc:
         raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
                           "access)") from None
-    todo, skipped = plan(cfg, prompts, output, limit)
-    filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
+    if job.unrecord:
+        unrecord_shards(output, job.unrecord, endpoint)
     started = time.perf_counter()
-    if todo.num_rows:
-        generate_dataset(cfg, todo, output).write_parquet(
+    if job.todo.num_rows:
+        generate_dataset(cfg, job.todo, output).write_parquet(
             metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
             filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
             ray_remote_args={"num_cpus": IO_CPUS})
     seconds = time.perf_counter() - started
+    if cfg.output.format == "files":
+        write_imagefolder_index(output, endpoint)
+    else:
+        remove_temp_files(output, endpoint)  # of shard writers killed mid-shard
     selector = pa.fs.FileSelector(metadata_path, allow_not_found=True)
     files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
     table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
-    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=skipped)
+    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=job.skipped)
     if controller is not None:
         summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
     write_run_json(output, run_record(cfg, prompts, output, run_id, started_at, summary), endpoint)
     return summary
 
 
-def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> tuple[pa.Table, int]:
-    """Every image the prompts ask for, less those the output already holds (see workflows.resume), and how
-    many were left out for that."""
+def check_output(output: str, endpoint_url: str | None) -> None:
+    """An output that names no usable location raises ConfigError (whether it is writable shows at the first write)."""
+    try:
+        resolve(output, endpoint_url)
+    except ValueError as exc:
+        raise ConfigError(f"bad output location: {exc}") from None
+
+
+def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> Plan:
+    """Every image the prompts ask for, less those the output already holds (see workflows.resume). Writes
+    nothing, except to quarantine a metadata file cut off by a crash."""
     table = read_prompt_table(prompts, limit, cfg.storage.endpoint_url)
     table = mark_duplicates(expand_images(table, cfg.output.images_per_prompt))
-    done, recorded = completed_keys(output, cfg.storage.endpoint_url)
+    try:
+        if cfg.output.format == "webdataset":
+            shards = plan_shards(assign_shards(table, cfg.output.shard_size), output, cfg.storage.endpoint_url)
+            return Plan(shards.todo, table.num_rows - shards.todo.num_rows, shards.unrecord)
+        done, recorded = completed_keys(output, cfg.storage.endpoint_url)
+    except OSError as exc:
+        raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
     todo = pending(table, done, recorded)
-    return todo, table.num_rows - todo.num_rows
+    return Plan(todo, table.num_rows - todo.num_rows, {})
+
+
+def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
+    """`{output}/images/metadata.jsonl` for Hugging Face `imagefolder`, rebuilt whole from all the metadata, so it
+    lists every image once however many runs made them."""
+    columns = ["prompt_id", "prompt", "seed", "model", "width", "height", "tau", "image_uri", "image_sha256", "status"]
+    table = read_metadata(output, endpoint_url, columns)
+    ok = table.filter(pc.equal(table["status"], "ok")).drop_columns(["status"])
+    records = {}
+    for row in ok.to_pylist():
+        name = posixpath.basename(row.pop("image_uri"))
+        records[name] = {"file_name": name, **row}
+    write_imagefolder_metadata(output, [records[name] for name in sorted(records)], endpoint_url)
 
 
 def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Dataset:
     """The rows to generate, in blocks that keep every actor busy, mapped through the actor pool.
 
-    A block is the unit Ray retries when an actor dies, so blocks stay small: a few batches each.
+    A block is the unit Ray retries when an actor dies, so blocks stay small: a few batches each. For webdataset a
+    block is one whole shard, handed to the actor as one batch (`batch_size=None`), which writes the shard's tar.
     """
     low, high = cfg.ray.actor_range
     B = cfg.ray.batch_size
-    rows = B * min(16, max(1, math.ceil(todo.num_rows / (B * 4 * high))))
-    blocks = [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)]
+    if cfg.output.format == "webdataset":
+        sizes = pc.value_counts(todo["shard"]).field("counts").to_pylist()  # shards are contiguous, in order
+        starts = np.cumsum([0, *sizes[:-1]])
+        blocks, batch_size = [todo.slice(start, size) for start, size in zip(starts, sizes, strict=True)], None
+    else:
+        rows = B * min(16, max(1, math.ceil(todo.num_rows / (B * 4 * high))))
+        blocks, batch_size = [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)], B
     return ray.data.from_arrow(blocks).map_batches(
         Generator,
         fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output},
-        batch_size=B,
+        batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_gpus=cfg.ray.num_gpus_per_actor or None,
@@ -184,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {args.limit}")
         check_prompts(args.prompts, cfg.storage.endpoint_url)  # before paying for a cluster start
+        check_output(args.output, cfg.storage.endpoint_url)
         connect_ray()
         summary = run(cfg, args.prompts, args.output, args.limit)
     except ConfigError as exc:

@@ -1,13 +1,24 @@
 """What a run still has to generate: every prompt's images, less what the output already holds.
 
-The metadata under `{output}/metadata` is the single record of what is done: a (prompt_id, seed) with an
-`ok` row whose image exists is skipped, so a crashed, pre-empted or repeated job continues where it stopped
-and never writes an image, or its row, twice.
+The metadata under `{output}/metadata` is the single record of what is done. In the `files` layout a
+(prompt_id, seed) with an `ok` row whose image exists is skipped, so a crashed, pre-empted or repeated job
+continues where it stopped and never writes an image, or its row, twice.
+
+In the `webdataset` layout the unit is the shard: row i of the full list of images (prompts expanded by
+`images_per_prompt`, after `--limit`) belongs to shard i // shard_size, fixed on the driver. A shard is done
+when its tar exists and the metadata holds exactly its rows; any other shard is generated again whole (same
+seeds, so the same samples) after its rows, if some were recorded, are taken out of the metadata files that
+hold them (each file rewritten in one step). Readers of the metadata so see every sample once.
 """
 
 import logging
 import posixpath
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -15,10 +26,13 @@ from pyarrow import fs
 
 from storage.metadata import METADATA_DIR
 from storage.prompts import derived_seed
+from storage.shards import list_shards, shard_name, shard_of
 from storage.uris import join, resolve
+from workflows.config import ConfigError
 
 log = logging.getLogger(__name__)
 QUARANTINE = "_unreadable"
+Key = tuple[str, int]
 
 
 def expand_images(prompts: pa.Table, images_per_prompt: int) -> pa.Table:
@@ -46,32 +60,50 @@ def mark_duplicates(prompts: pa.Table) -> pa.Table:
     return prompts.set_column(prompts.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
 
 
-def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
-    """(prompt_id, seed) of every `ok` row in the output's metadata whose image is still there, and of every
-    row at all (so a malformed input row is reported once, not once per run).
-
-    A metadata file that cannot be read (a write cut off by a crash) is moved to `metadata/_unreadable/`,
-    which readers skip; its images are regenerated, byte for byte, by this run.
-    """
+def recorded_tables(output: str, endpoint_url: str | None, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+    """(path, table of `columns`) for each metadata file; a column a file lacks (written before it existed) is
+    null. A file that cannot be read (a write cut off by a crash) is moved to `metadata/_unreadable/`, which
+    readers skip; its rows count as never recorded."""
     filesystem, root = resolve(output, endpoint_url)
     folder = join(root, METADATA_DIR)
-    infos = filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
-    images = {posixpath.basename(i.path) for i in filesystem.get_file_info(
-        fs.FileSelector(join(root, "images"), recursive=True, allow_not_found=True)) if i.type == fs.FileType.File}
-    done: set[tuple[str, int]] = set()
-    recorded: set[tuple[str, int]] = set()
-    for info in infos:
+    for info in filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True)):
         if info.type != fs.FileType.File or not info.base_name.endswith(".parquet") or info.base_name[0] in "._":
             continue
         try:
-            table = pq.read_table(info.path, filesystem=filesystem, columns=["prompt_id", "seed", "status",
-                                                                             "image_uri"])
+            present = set(pq.read_schema(info.path, filesystem=filesystem).names)
+            table = pq.read_table(info.path, filesystem=filesystem, columns=[c for c in columns if c in present])
         except (OSError, pa.ArrowInvalid) as exc:
             target = join(folder, QUARANTINE, info.base_name)
             log.warning("metadata file %s is unreadable (%s); moving it to %s", info.path, exc, target)
             filesystem.create_dir(join(folder, QUARANTINE))
             filesystem.move(info.path, target)
             continue
+        for name in columns:
+            if name not in present:
+                table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        yield info.path, table
+
+
+def _layout_error(output: str, found: str, wanted: str) -> ConfigError:
+    return ConfigError(f"output {output} already holds the {found} layout (see its metadata), but this run writes "
+                       f"{wanted}: set output.format: {found} to continue it, or write to a new output")
+
+
+def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Key], set[Key]]:
+    """(prompt_id, seed) of every `ok` row in the output's metadata whose image is still there, and of every
+    row at all (so a malformed input row is reported once, not once per run). `files` layout only.
+
+    A metadata file that cannot be read is quarantined (see recorded_tables); its images are regenerated, byte for
+    byte, by this run.
+    """
+    filesystem, root = resolve(output, endpoint_url)
+    images = {posixpath.basename(i.path) for i in filesystem.get_file_info(
+        fs.FileSelector(join(root, "images"), recursive=True, allow_not_found=True)) if i.type == fs.FileType.File}
+    done: set[Key] = set()
+    recorded: set[Key] = set()
+    for _, table in recorded_tables(output, endpoint_url, ["prompt_id", "seed", "status", "image_uri", "shard"]):
+        if table["shard"].null_count < table.num_rows:
+            raise _layout_error(output, "webdataset", "files")
         recorded.update(zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True))
         ok = table.filter(pc.equal(table["status"], "ok"))
         for pid, seed, uri in zip(ok["prompt_id"].to_pylist(), ok["seed"].to_pylist(), ok["image_uri"].to_pylist(),
@@ -88,3 +120,81 @@ def pending(prompts: pa.Table, done: set[tuple[str, int]], recorded: set[tuple[s
     keep = [(pid, seed) not in (done if error is None else recorded) for pid, seed, error in zip(
         prompts["prompt_id"].to_pylist(), prompts["seed"].to_pylist(), prompts["error"].to_pylist(), strict=True)]
     return prompts.filter(pa.array(keep, pa.bool_()))
+
+
+def assign_shards(prompts: pa.Table, shard_size: int) -> pa.Table:
+    """Add each row's `shard` (row index // shard_size) and `shard_rows` (how many rows its shard holds)."""
+    index = np.arange(prompts.num_rows, dtype=np.int64) // shard_size
+    rows = np.minimum(shard_size, prompts.num_rows - index * shard_size)
+    return prompts.append_column("shard", pa.array(index)).append_column("shard_rows", pa.array(rows))
+
+
+@dataclass
+class ShardPlan:
+    todo: pa.Table  # the rows of every shard to generate, whole shards in shard order
+    done: list[str] = field(default_factory=list)  # shard names already complete
+    # metadata file -> names of the not-done shards whose rows it holds (to take out before generating)
+    unrecord: dict[str, set[str]] = field(default_factory=dict)
+
+
+def plan_shards(prompts: pa.Table, output: str, endpoint_url: str | None = None) -> ShardPlan:
+    """Which shards of `prompts` (with `shard` from assign_shards) to generate, and which recorded rows to take out
+    of the metadata first. Reads only (but quarantines unreadable metadata files)."""
+    planned: dict[str, Counter[Key]] = {}
+    where: dict[Key, set[str]] = {}
+    for pid, seed, index in zip(prompts["prompt_id"].to_pylist(), prompts["seed"].to_pylist(),
+                                prompts["shard"].to_pylist(), strict=True):
+        name = shard_name(index)
+        planned.setdefault(name, Counter())[(pid, seed)] += 1
+        where.setdefault((pid, seed), set()).add(name)
+    recorded: dict[str, Counter[Key]] = {}
+    files: dict[str, set[str]] = {}
+    for path, table in recorded_tables(output, endpoint_url, ["prompt_id", "seed", "shard"]):
+        for pid, seed, uri in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(),
+                                  table["shard"].to_pylist(), strict=True):
+            if uri is None:
+                raise _layout_error(output, "files", "webdataset")
+            name = shard_of(uri)
+            if (pid, seed) in where and name not in where[(pid, seed)]:
+                raise ConfigError(
+                    f"output {output} holds prompt {pid!r} (seed {seed}) in shard {name}, but this run puts it in "
+                    f"{sorted(where[(pid, seed)])[0]}: shards are cut from the prompt list in order, so resume with "
+                    "the same prompts, --limit, output.images_per_prompt and output.shard_size, or write to a new "
+                    "output")
+            recorded.setdefault(name, Counter())[(pid, seed)] += 1
+            files.setdefault(name, set()).add(path)
+    existing = list_shards(output, endpoint_url)
+    done = [name for name, rows in planned.items() if name in existing and recorded.get(name) == rows]
+    redo = set(planned) - set(done)
+    unrecord: dict[str, set[str]] = {}
+    for name in redo:
+        for path in files.get(name, ()):
+            unrecord.setdefault(path, set()).add(name)
+    names = pa.array([shard_name(i) for i in prompts["shard"].to_pylist()], pa.string())
+    todo = prompts.filter(pc.is_in(names, pa.array(sorted(redo), pa.string())))
+    return ShardPlan(todo, sorted(done), unrecord)
+
+
+def unrecord_shards(output: str, unrecord: dict[str, set[str]], endpoint_url: str | None = None) -> int:
+    """Take the rows of the given shards out of the given metadata files, each file replaced in one step (written
+    beside it under a hidden name, then renamed; on S3 one PUT over it), or deleted when nothing is left. A crash
+    between two files leaves rows of shards that will be generated again anyway. Returns the rows taken out."""
+    filesystem, _ = resolve(output, endpoint_url)
+    local = isinstance(filesystem, fs.LocalFileSystem)
+    removed = 0
+    for path, names in sorted(unrecord.items()):
+        table = pq.read_table(path, filesystem=filesystem)
+        shards = [shard_of(uri) if uri is not None else None for uri in table["shard"].to_pylist()]
+        keep = pa.array([name not in names for name in shards], pa.bool_())
+        kept = table.filter(keep)
+        removed += table.num_rows - kept.num_rows
+        log.info("taking %d rows of shards to redo out of %s", table.num_rows - kept.num_rows, path)
+        if kept.num_rows == 0:
+            filesystem.delete_file(path)
+        elif local:
+            temp = join(posixpath.dirname(path), f"_{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            pq.write_table(kept, temp, filesystem=filesystem)
+            filesystem.move(temp, path)
+        else:
+            pq.write_table(kept, path, filesystem=filesystem)
+    return removed
