@@ -34,6 +34,7 @@ CALIBRATION_SCHEMA = pa.schema([
     ("psnr_db", pa.float64()),  # against dense, same prompts and seeds; inf when identical
     ("token_match", pa.float64()),  # share of the tokens of the stages that may exclude equal to dense's
     ("stages", pa.list_(STAGE_POINT_TYPE)),
+    ("yardstick", pa.float64()),  # the demo model's yardstick score; null for other models
 ])
 MUST_MATCH = ("model", "sparsevar", "sampling")
 
@@ -62,7 +63,7 @@ def calibration_uri(uri: str) -> str:
 def calibration_table(points: list[CalibrationPoint], setup: dict[str, Any]) -> pa.Table:
     rows = [{"tau": p.tau, "latency_ms_per_image": p.latency_ms_per_image, "images_per_sec": p.images_per_sec,
              "kept_ratio": p.kept_ratio, "psnr_db": p.psnr_db, "token_match": p.token_match,
-             "stages": [vars(s) for s in p.stages]} for p in points]
+             "stages": [vars(s) for s in p.stages], "yardstick": p.yardstick} for p in points]
     schema = CALIBRATION_SCHEMA.with_metadata({SETUP_KEY: json.dumps(setup).encode()})
     return pa.Table.from_pylist(rows, schema=schema)
 

@@ -8,7 +8,7 @@ settings in turn, so a slow drift of the machine spreads over all τ instead of 
 import logging
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,7 @@ class CalibrationPoint:
     psnr_db: float  # over the whole sample against dense; inf when every image equals dense
     token_match: float  # share of the tokens of the stages that may exclude that equal dense's
     stages: list[StagePoint]
+    yardstick: float | None = None  # the judge's mean score of the sample's pictures, when a judge is given
 
     @property
     def images_per_sec(self) -> float:
@@ -73,10 +74,12 @@ def _kept_ratio(results: list[ImageResult], first_sparse: int) -> float:
 
 
 def calibrate(backend: Backend, requests: list[Request], sv: SparseVARConfig, taus: Sequence[float],
-              batch_size: int, repeats: int = 3) -> list[CalibrationPoint]:
+              batch_size: int, repeats: int = 3,
+              judge: Callable[[list[np.ndarray], list[str]], float] | None = None) -> list[CalibrationPoint]:
     """One point for dense and one per τ, with the other `sv` settings as given (normalize, start stage...).
 
-    Every batch is full, so that latency per image is that of the job's batch size.
+    Every batch is full, so that latency per image is that of the job's batch size. A judge (the demo model's
+    yardstick) scores each setting's pictures against their prompts.
     """
     if not requests or not taus or repeats < 1 or batch_size < 1:
         raise ValueError("calibration needs prompts, at least one τ, batch_size >= 1 and repeats >= 1")
@@ -89,7 +92,7 @@ def calibrate(backend: Backend, requests: list[Request], sv: SparseVARConfig, ta
                sv.model_copy(update={"enabled": True, "tau": float(tau)}) for tau in settings}
     first_sparse = first_sparse_stage(sv.model_copy(update={"enabled": True}))
 
-    fidelity, kept = {}, {}
+    fidelity, kept, judged = {}, {}, {}
     dense: list[ImageResult] = []
     for tau in settings:  # the untimed pass: fidelity, and a warm-up of every setting
         results = [r for batch in batches for r in generate(backend, batch, configs[tau], record_tokens=True)]
@@ -97,6 +100,8 @@ def calibrate(backend: Backend, requests: list[Request], sv: SparseVARConfig, ta
             dense = results
         fidelity[tau] = _fidelity(results, dense, first_sparse)
         kept[tau] = _kept_ratio(results, first_sparse)
+        if judge is not None:
+            judged[tau] = judge([r.pixels_HWC for r in results], [r.prompt for r in requests])
         log.info("τ=%s: PSNR %.2f dB, kept %.3f", "dense" if tau is None else tau, fidelity[tau][0], kept[tau])
 
     per_image_ms: dict[float | None, list[float]] = {tau: [] for tau in settings}
@@ -106,4 +111,4 @@ def calibrate(backend: Backend, requests: list[Request], sv: SparseVARConfig, ta
                 per_image_ms[tau].append(generate(backend, batch, configs[tau])[0].latency_ms / len(batch))
         log.info("timed round %d of %d done", round_ + 1, repeats)
     return [CalibrationPoint(tau, statistics.median(per_image_ms[tau]), kept[tau], fidelity[tau][0], fidelity[tau][1],
-                             fidelity[tau][2]) for tau in settings]
+                             fidelity[tau][2], judged.get(tau)) for tau in settings]

@@ -24,6 +24,10 @@ class SparseVARConfig(StrictModel):
     anchor_grid: int = Field(4, ge=0, description="one anchor per α×α cell; 0 disables anchors (α)")
     normalize: Literal["minmax", "quantile"] = "minmax"
     fill: Literal["logits", "code"] = "logits"
+    selection: Literal["frequency", "random"] = Field(
+        "frequency", description="`random`: a baseline for quality studies that excludes random tokens, ranked "
+        "uniformly per image, in place of the low-frequency ones"
+    )
 
 
 class SamplingConfig(StrictModel):

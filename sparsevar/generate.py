@@ -4,6 +4,7 @@ Read top to bottom it is the whole algorithm of `shared/spec/sparsevar.md`: each
 stage's block-s change, keeps high-frequency tokens and anchors, runs only those, and fills the rest.
 """
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,9 +80,41 @@ class _Stopwatch:
         self.ms += (time.perf_counter() - started) * 1e3
 
 
+class _StageClock:
+    """Stage boundaries: CUDA events on a GPU, read once the generation has synchronised (a stage never waits
+    for the device just to be timed); wall time on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.marks = device, []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks; on a GPU, call after synchronising."""
+        pairs = itertools.pairwise(self.marks)
+        if self.device.type == "cuda":
+            return [start.elapsed_time(end) for start, end in pairs]
+        return [(end - start) * 1e3 for start, end in pairs]
+
+
 def first_sparse_stage(sv: SparseVARConfig) -> int | None:
     """The first stage (from 1) that may exclude tokens, or None when SparseVAR is off."""
     return max(sv.start_stage, 2) if sv.enabled else None
+
+
+def random_scores(requests: list[Request], tokens: int, stage: int, device: torch.device) -> torch.Tensor:
+    """The random-exclusion baseline's scores: uniform ranks per image, from a generator of its own (B, L)."""
+    rows = []
+    for r in requests:
+        generator = torch.Generator().manual_seed(r.seed * 1000 + stage)
+        rows.append(torch.randperm(tokens, generator=generator))
+    return (torch.stack(rows).double() / max(tokens - 1, 1)).to(device)
 
 
 @torch.inference_mode()
@@ -108,19 +141,23 @@ def generate(
     state = backend.begin([r.prompt for r in requests], [r.negative_prompt for r in requests], requests[0].h_div_w)
     branches = backend.branches(state)
     score_Bhw: torch.Tensor | None = None
-    stats: list[list[StageStats]] = [[] for _ in requests]
+    kept: list[tuple[int, ...]] = []  # per stage, per image
+    overhead_ms: list[float] = []
     tokens: list[list[torch.Tensor]] = [[] for _ in requests]
+    clock = _StageClock(device)
+    clock.mark()
     for stage, (h, w) in enumerate(schedule, start=1):
-        t_stage = time.perf_counter()
         sparse_work = _Stopwatch(device, profile)
         x_RLC = backend.stage_input(state, stage)
         plan = None
         if first_sparse is not None and stage >= first_sparse:
             with sparse_work():
                 s_BL = interpolate_scores(score_Bhw, (h, w)).reshape(B, h * w)
-                anchor_of_L = anchor_layout(h, w, sv.anchor_grid, device)[0] if sv.anchor_grid else None
-                plan = plan_stage(s_BL, sv.tau, anchor_of_L)
-                if bool(plan.keep_BL.all()):
+                if sv.selection == "random":
+                    s_BL = random_scores(requests, h * w, stage, device)
+                anchors = anchor_layout(h, w, sv.anchor_grid, device) if sv.anchor_grid else (None, None)
+                plan = plan_stage(s_BL, sv.tau, *anchors)
+                if min(plan.counts) == h * w:
                     plan = None  # every token runs: take the dense path, which is the same computation
         wants_score = first_sparse is not None and first_sparse <= stage + 1 <= len(schedule)
         capture = sv.score_block if wants_score else None
@@ -136,12 +173,12 @@ def generate(
             pred_RnV, block_io = backend.forward(state, x_RnC, stage, idx_Rn, valid_Rn, capture)
             if sv.fill == "logits" and sv.anchor_grid:
                 with sparse_work():
-                    pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1))
+                    pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1), plan.has_sources)
                 tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
             else:
                 tokens_BnC = backend.sample(state, pred_RnV, stage, generators, plan.kept_idx_Bn)
                 with sparse_work():
-                    tokens_BLC = fill_tokens(tokens_BnC, plan.src_idx_BL)
+                    tokens_BLC = fill_tokens(tokens_BnC, plan.src_idx_BL, plan.has_sources)
         backend.accumulate(state, tokens_BLC, stage)
         if record_tokens:
             for i, tokens_LC in enumerate(tokens_BLC.cpu()):
@@ -150,17 +187,18 @@ def generate(
         if block_io is not None:  # the conditional rows score the next stage; uncond rows share the mask
             with sparse_work():
                 d_Bn = block_scores(block_io[0][:B], block_io[1][:B])
-                d_BL = d_Bn if plan is None else fill_scores(d_Bn, plan.src_idx_BL)
+                d_BL = d_Bn if plan is None else fill_scores(d_Bn, plan.src_idx_BL, plan.has_sources)
                 score_Bhw = normalize_scores(d_BL, sv.normalize).reshape(B, h, w)
 
-        _synchronize(device)
-        latency_ms = (time.perf_counter() - t_stage) * 1e3
-        kept_B = [h * w] * B if plan is None else plan.counts_B.tolist()
-        for i in range(B):
-            stats[i].append(StageStats(stage, h, w, h * w, int(kept_B[i]), latency_ms, sparse_work.ms))
+        clock.mark()
+        kept.append((h * w,) * B if plan is None else plan.counts)
+        overhead_ms.append(sparse_work.ms)
 
     pixels_BHWC = backend.decode(state)
     _synchronize(device)
     batch_ms = (time.perf_counter() - t_batch) * 1e3
+    stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1])
+              for stage, ((h, w), ms) in enumerate(zip(schedule, clock.intervals_ms(), strict=True), start=1)]
+             for i in range(B)]
     return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None)
             for i in range(B)]

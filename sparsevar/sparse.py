@@ -41,7 +41,7 @@ def interpolate_scores(s_Bhw: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 @lru_cache(maxsize=256)
-def _anchor_layout(h: int, w: int, alpha: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _anchor_layout(h: int, w: int, alpha: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = torch.arange(h), torch.arange(w)
     top, left = rows - rows % alpha, cols - cols % alpha
     cell_h = torch.clamp(h - top, max=alpha)
@@ -50,19 +50,19 @@ def _anchor_layout(h: int, w: int, alpha: int) -> tuple[torch.Tensor, torch.Tens
     anchor_col = left + torch.minimum(torch.full_like(left, alpha // 2), cell_w - 1)
     anchor_of_L = (anchor_row[:, None] * w + anchor_col[None, :]).reshape(-1)
     is_anchor_L = anchor_of_L == torch.arange(h * w)
-    return anchor_of_L, is_anchor_L
+    return anchor_of_L.to(device), is_anchor_L.to(device)
 
 
 def anchor_layout(h: int, w: int, alpha: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: for every token, the flat index of its α×α cell's anchor, and whether it is an anchor.
 
     Cells start at the top-left corner; edge cells may be smaller; the anchor sits at
-    (top + min(α//2, cell_h-1), left + min(α//2, cell_w-1)).
+    (top + min(α//2, cell_h-1), left + min(α//2, cell_w-1)). Cached per grid and device, so a stage copies
+    nothing to the device; callers must not modify the tensors.
     """
     if alpha < 1:
         raise ValueError("anchor_grid must be >= 1 to place anchors")
-    anchor_of_L, is_anchor_L = _anchor_layout(h, w, alpha)
-    return anchor_of_L.to(device), is_anchor_L.to(device)
+    return _anchor_layout(h, w, alpha, torch.device(device))
 
 
 @dataclass(frozen=True)
@@ -73,35 +73,51 @@ class KeepPlan:
     kept_idx_Bn: flat positions of the kept tokens in ascending order, padded with 0 to the batch maximum.
     valid_Bn: False on padding; None when no image needed padding.
     src_idx_BL: for each token, its index in the kept list: its own if kept, else its anchor's; -1 for none.
+    counts: kept tokens per image, on the host.
+    has_sources: no token has source -1 (there are anchors, or every token is kept), so fills need no mask.
     """
 
     keep_BL: torch.Tensor
     kept_idx_Bn: torch.Tensor
     valid_Bn: torch.Tensor | None
     src_idx_BL: torch.Tensor
+    counts: tuple[int, ...]
+    has_sources: bool
 
     @property
     def counts_B(self) -> torch.Tensor:
         return self.keep_BL.sum(dim=1)
 
 
-def plan_stage(score_BL: torch.Tensor, tau: float, anchor_of_L: torch.Tensor | None) -> KeepPlan:
-    """Step 5 and the bookkeeping for 6-7: keep S >= τ and every anchor; index kept tokens and fill sources."""
+def plan_stage(
+    score_BL: torch.Tensor, tau: float, anchor_of_L: torch.Tensor | None, is_anchor_L: torch.Tensor | None = None
+) -> KeepPlan:
+    """Step 5 and the bookkeeping for 6-7: keep S >= τ and every anchor; index kept tokens and fill sources.
+
+    is_anchor_L (from `anchor_layout`) saves recomputing it from anchor_of_L. The kept counts are the plan's one
+    read from the device: they set the shape of the kept tensors.
+    """
     keep_BL = score_BL >= tau
     if anchor_of_L is not None:
-        keep_BL = keep_BL | (anchor_of_L == torch.arange(anchor_of_L.numel(), device=anchor_of_L.device))
+        if is_anchor_L is None:
+            is_anchor_L = anchor_of_L == torch.arange(anchor_of_L.numel(), device=anchor_of_L.device)
+        keep_BL = keep_BL | is_anchor_L
     counts_B = keep_BL.sum(dim=1)
-    n = int(counts_B.max())
+    counts = tuple(counts_B.tolist())
+    n = max(counts)
     # Stable sort of "not kept" puts kept positions first, in ascending order.
     kept_idx_Bn = torch.argsort((~keep_BL).to(torch.int8), dim=1, stable=True)[:, :n]
-    valid_Bn = torch.arange(n, device=keep_BL.device)[None, :] < counts_B[:, None]
-    kept_idx_Bn = torch.where(valid_Bn, kept_idx_Bn, torch.zeros_like(kept_idx_Bn))
+    valid_Bn = None
+    if min(counts) < n:
+        valid_Bn = torch.arange(n, device=keep_BL.device)[None, :] < counts_B[:, None]
+        kept_idx_Bn = torch.where(valid_Bn, kept_idx_Bn, torch.zeros_like(kept_idx_Bn))
     rank_BL = keep_BL.cumsum(dim=1) - 1
     if anchor_of_L is None:
         src_idx_BL = torch.where(keep_BL, rank_BL, torch.full_like(rank_BL, -1))
     else:
         src_idx_BL = torch.where(keep_BL, rank_BL, rank_BL[:, anchor_of_L])
-    return KeepPlan(keep_BL, kept_idx_Bn, None if bool(valid_Bn.all()) else valid_Bn, src_idx_BL)
+    has_sources = anchor_of_L is not None or min(counts) == keep_BL.shape[1]
+    return KeepPlan(keep_BL, kept_idx_Bn, valid_Bn, src_idx_BL, counts, has_sources)
 
 
 def gather_tokens(x_BLC: torch.Tensor, idx_Bn: torch.Tensor) -> torch.Tensor:
@@ -109,29 +125,35 @@ def gather_tokens(x_BLC: torch.Tensor, idx_Bn: torch.Tensor) -> torch.Tensor:
     return torch.gather(x_BLC, 1, idx_Bn.unsqueeze(-1).expand(-1, -1, x_BLC.shape[-1]))
 
 
-def fill_tokens(x_BnC: torch.Tensor, src_idx_BL: torch.Tensor) -> torch.Tensor:
-    """Step 7: a full (B, L, C) map from the kept rows; a token with source -1 gets zeros."""
+def fill_tokens(x_BnC: torch.Tensor, src_idx_BL: torch.Tensor, has_sources: bool | None = None) -> torch.Tensor:
+    """Step 7: a full (B, L, C) map from the kept rows; a token with source -1 gets zeros.
+
+    has_sources (`KeepPlan.has_sources`): whether no source is -1; None reads it from the device.
+    """
     if x_BnC.shape[1] == 0:
         return x_BnC.new_zeros(*src_idx_BL.shape, x_BnC.shape[-1])
-    has_src = src_idx_BL >= 0
+    if has_sources is None:
+        has_sources = bool((src_idx_BL >= 0).all())
+    if has_sources:
+        return gather_tokens(x_BnC, src_idx_BL)
     out_BLC = gather_tokens(x_BnC, src_idx_BL.clamp(min=0))
-    if bool(has_src.all()):
-        return out_BLC
-    return out_BLC * has_src.unsqueeze(-1).to(out_BLC.dtype)
+    return out_BLC * (src_idx_BL >= 0).unsqueeze(-1).to(out_BLC.dtype)
 
 
-def fill_scores(d_Bn: torch.Tensor, src_idx_BL: torch.Tensor) -> torch.Tensor:
+def fill_scores(d_Bn: torch.Tensor, src_idx_BL: torch.Tensor, has_sources: bool | None = None) -> torch.Tensor:
     """Scores of a full stage from the tokens that ran: excluded tokens take their anchor's score.
 
     With no anchors (src -1) the spec is silent; such a token takes the lowest score that ran in its image,
-    which leaves the min-max normalisation of the others unchanged.
+    which leaves the min-max normalisation of the others unchanged. has_sources as in `fill_tokens`.
     """
     if d_Bn.shape[1] == 0:
         return d_Bn.new_zeros(src_idx_BL.shape)
+    if has_sources is None:
+        has_sources = bool((src_idx_BL >= 0).all())
+    if has_sources:
+        return torch.gather(d_Bn, 1, src_idx_BL)
     d_BL = torch.gather(d_Bn, 1, src_idx_BL.clamp(min=0))
     has_src = src_idx_BL >= 0
-    if bool(has_src.all()):
-        return d_BL
     floor_B1 = torch.where(has_src, d_BL, torch.full_like(d_BL, float("inf"))).amin(dim=1, keepdim=True)
     floor_B1 = torch.nan_to_num(floor_B1, posinf=0.0)
     return torch.where(has_src, d_BL, floor_B1)

@@ -165,14 +165,17 @@ def test_inspect_lists_hart_0_7b_for_the_shipped_config_without_its_folders(caps
     assert listed["tokenizer vae.quantize.embedding.weight"] == "4096x32"
 
 
-def test_gpu_bench_smoke_run_on_cpu(capsys):
+def test_gpu_bench_smoke_run_on_cpu(capsys, tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("hart_bench", REPO / "scripts/gpu/hart_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "scripts/gpu/bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--small", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1"]) == 0
-    assert "speed-up" in capsys.readouterr().out
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--device", "cpu", "--models", "hart-0.7b", "--batches", "2", "--runs", "1",
+                       "--out", str(out)]) == 0
+    assert "| hart-0.7b | 2 | minmax τ=0.6 |" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["rows"]) == 3
 
 
 def test_folders_from_s3_are_fetched_once_into_the_cache_and_load(cfg, folders, backend, tmp_path, monkeypatch):

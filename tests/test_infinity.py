@@ -150,11 +150,16 @@ def test_missing_truncated_and_mismatched_checkpoints_fail_before_generation(fil
         build_backend(files.model_copy(update={"text_encoder": str(tmp_path)}), sampling, "cpu")
 
 
-def test_gpu_bench_smoke_run():
+def test_gpu_bench_smoke_run(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("infinity_bench", Path(__file__).parents[1] / "scripts/gpu/"
-                                                  "infinity_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).parents[1] / "scripts/gpu/bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--small", "--device", "cpu", "--batch-sizes", "2", "--repeats", "1"]) == 0
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--device", "cpu", "--models", "infinity-2b", "--batches", "2", "--runs", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["normalize"], r["tau"]) for r in rows] == [("dense", None, None), ("sparse", "quantile", 0.6),
+                                                                      ("sparse", "minmax", 0.6)]
+    assert rows[0]["speedup"] == 1.0 and all(r["flops_ratio"] > 1 and r["kept_ratio"] < 1 for r in rows[1:])

@@ -123,7 +123,8 @@ def test_buckets_that_are_missing_or_forbidden_are_named_before_any_work(ray_clu
         (str(prompts), f"s3://{locked_bucket}/out", f"output s3://{locked_bucket}/out: "),
     ]
     for source, output, named in cases:
-        assert main(["--config", "configs/tiny-random.yaml", "--prompts", source, "--output", output, *sets]) == EXIT_BAD_INPUT
+        argv = ["--config", "configs/tiny-random.yaml", "--prompts", source, "--output", output, *sets]
+        assert main(argv) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
         assert named in err, err
         assert "ACCESS_DENIED" in err or "not found" in err, err

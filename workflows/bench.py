@@ -20,22 +20,24 @@ from actors.config import JobConfig
 from sparsevar.backend import Backend
 from sparsevar.backends import build_backend
 from sparsevar.config import SparseVARConfig
+from sparsevar.demo.scenes import held_out_captions
+from sparsevar.demo.yardstick import Judge, demo_judge
 from sparsevar.flops import flops_ratio
 from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate
 from storage.checkpoints import localize_checkpoints
 from workflows.config import ConfigError, load_config
 
-PROMPTS = ["a red circle on a blue gradient", "a green striped square", "two yellow triangles",
-           "a checkered purple circle", "a small orange square", "a large blue triangle", "a cyan circle",
-           "a red and white checkered square"]
+PROMPTS = held_out_captions(8)  # in the demo model's domain, so that its yardstick can judge them
 
 
 def requests(n: int, offset: int = 0) -> list[Request]:
     return [Request(PROMPTS[(offset + i) % len(PROMPTS)], seed=offset + i) for i in range(n)]
 
 
-def measure(backend: Backend, batch: list[Request], sv: SparseVARConfig, repeats: int) -> dict[str, Any]:
-    """Median warm latency per image and per-stage figures of one setting (one warm-up run first)."""
+def measure(backend: Backend, batch: list[Request], sv: SparseVARConfig, repeats: int,
+            judge: Judge | None = None) -> dict[str, Any]:
+    """Median warm latency per image and per-stage figures of one setting (one warm-up run first); with a
+    judge (the demo model's yardstick), its score of the pictures against their prompts."""
     generate(backend, batch, sv, profile=True)
     runs: list[list[ImageResult]] = [generate(backend, batch, sv, profile=True) for _ in range(repeats)]
     B = len(batch)
@@ -56,6 +58,7 @@ def measure(backend: Backend, batch: list[Request], sv: SparseVARConfig, repeats
             flops_ratio(img.stages, backend.block_params, backend.dim, backend.depth) for img in runs[0]),
         "kept_ratio": sum(s.kept for s in late) / sum(s.tokens for s in late) if late else 1.0,
         "sparsevar_overhead_ms": sum(s["overhead_ms"] for s in stages),
+        "yardstick": judge([img.pixels_HWC for img in runs[0]], [r.prompt for r in batch]) if judge else None,
         "stages": stages,
     }
 
@@ -71,12 +74,14 @@ def settings(sv: SparseVARConfig, taus: list[float], kept: list[float]) -> list[
 def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: list[float], repeats: int):
     torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
     backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
+    judge = demo_judge(cfg.model)
     rows = []
     for B in batch_sizes:
         dense_ms = None
         for sv in settings(cfg.sparsevar, taus, kept):
             row = {"mode": "sparse" if sv.enabled else "dense", "normalize": sv.normalize if sv.enabled else None,
-                   "tau": sv.tau if sv.enabled else None, "batch_size": B, **measure(backend, requests(B), sv, repeats)}
+                   "tau": sv.tau if sv.enabled else None, "batch_size": B,
+                   **measure(backend, requests(B), sv, repeats, judge)}
             dense_ms = dense_ms or row["latency_ms_median"]
             row["speedup"] = dense_ms / row["latency_ms_median"]
             row["efficiency"] = row["speedup"] / row["flops_ratio"]
@@ -120,12 +125,14 @@ def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, small: int, larg
 def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, float] | None, command: str) -> None:
     (out / "bench.json").write_text(json.dumps({"command": command, "rows": rows, "pipeline": pipeline}, indent=2))
     lines = [f"`{command}`", "", "| batch | mode | normalize | τ | ms/image | speed-up | FLOPs ratio | efficiency |"
-             " kept (≥P) | overhead ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+             " kept (≥P) | overhead ms | yardstick |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tau = "" if r["tau"] is None else r["tau"]
+        yardstick = "–" if r["yardstick"] is None else f"{r['yardstick']:.3f}"
         lines.append(f"| {r['batch_size']} | {r['mode']} | {r['normalize'] or ''} | {tau}"
                      f" | {r['latency_ms_median']:.1f} | {r['speedup']:.2f} | {r['flops_ratio']:.2f} | "
-                     f"{r['efficiency']:.2f} | {r['kept_ratio']:.3f} | {r['sparsevar_overhead_ms']:.2f} |")
+                     f"{r['efficiency']:.2f} | {r['kept_ratio']:.3f} | {r['sparsevar_overhead_ms']:.2f} | "
+                     f"{yardstick} |")
     if pipeline:
         lines += ["", "| pipeline | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in pipeline.items()]
     (out / "bench.md").write_text("\n".join(lines) + "\n")

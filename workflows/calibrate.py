@@ -31,6 +31,7 @@ from actors.calibration import (
 from actors.config import JobConfig
 from sparsevar.backends import build_backend
 from sparsevar.calibration import calibrate
+from sparsevar.demo.yardstick import demo_judge
 from sparsevar.generate import Request, first_sparse_stage
 from storage.prompts import normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
 from storage.uris import join, resolve
@@ -107,7 +108,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int, taus: list[float]
     requests = sample_requests(prompts, limit, cfg.ray.batch_size, endpoint)
     torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
     backend = build_backend(cfg.model, cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
-    points = calibrate(backend, requests, cfg.sparsevar, taus, cfg.ray.batch_size, repeats)
+    points = calibrate(backend, requests, cfg.sparsevar, taus, cfg.ray.batch_size, repeats, demo_judge(cfg.model))
     table = calibration_table(points, calibration_setup(cfg))
     write_calibration(table, output, endpoint)
     title = (f"{backend.name}, batch {cfg.ray.batch_size}, normalize={cfg.sparsevar.normalize}, "
@@ -121,11 +122,13 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int, taus: list[float]
 
 def describe(table: pa.Table) -> str:
     """A plain-text table of the calibration, one line per setting."""
-    lines = [f"{'tau':>6} {'ms/image':>9} {'images/s':>9} {'kept':>6} {'PSNR dB':>8} {'tokens=dense':>12}"]
+    lines = [f"{'tau':>6} {'ms/image':>9} {'images/s':>9} {'kept':>6} {'PSNR dB':>8} {'tokens=dense':>12} "
+             f"{'yardstick':>9}"]
     for r in table.select([name for name in CALIBRATION_SCHEMA.names if name != "stages"]).to_pylist():
         tau = "dense" if r["tau"] is None else f"{r['tau']:.2f}"
+        yardstick = "-" if r["yardstick"] is None else f"{r['yardstick']:.3f}"
         lines.append(f"{tau:>6} {r['latency_ms_per_image']:9.1f} {r['images_per_sec']:9.2f} {r['kept_ratio']:6.3f} "
-                     f"{r['psnr_db']:8.2f} {r['token_match']:12.3f}")
+                     f"{r['psnr_db']:8.2f} {r['token_match']:12.3f} {yardstick:>9}")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from sparsevar.backends.hart.rope import rope_1d, rope_2d, take
 from sparsevar.backends.hart.sampling import normals, sample_embeddings, stage_ratio
 from sparsevar.backends.hart.text import QwenTextEncoder
 from sparsevar.backends.hart.tokenizer import TRAINING_ONLY, HybridTokenizer
-from sparsevar.backends.hart.transformer import HartTransformer
+from sparsevar.backends.hart.transformer import Conditioning, HartTransformer
 from sparsevar.config import SamplingConfig
 from sparsevar.state_dicts import check_entries, read_state_dict
 
@@ -41,7 +41,7 @@ class HartState:
     branches: int
     schedule: list[tuple[int, int]]
     x1_RTC: torch.Tensor  # stage 1's embedded context tokens
-    cond_R1C: torch.Tensor  # AdaLN condition: the context embedding max-pooled over its tokens
+    cond: Conditioning  # from the AdaLN condition: the context embedding max-pooled over its tokens
     context_pos_RT: torch.Tensor
     caches: list[KVCache]
     f_hat_BCHW: torch.Tensor
@@ -146,7 +146,7 @@ class HartBackend:
         last = schedule[-1][0]
         f_hat = torch.zeros(B, self.tok.z_channels, last, last, device=self.device)
         return HartState(B, branches, schedule, sos_RTC + self.model.lvl_embed.weight[0],
-                         sos_RTC.max(dim=1, keepdim=True).values, pos_BT, caches, f_hat)
+                         self.model.condition(sos_RTC.max(dim=1, keepdim=True).values), pos_BT, caches, f_hat)
 
     def stage_input(self, state: HartState, stage: int) -> torch.Tensor:
         """Stage 1: the embedded context tokens (R, T, C). Later stages: f_hat at the stage's size (R, h*w, Cvae)."""
@@ -161,16 +161,15 @@ class HartBackend:
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         m, hd = self.model, self.arch.head_dim
         if stage == 1:  # the context, with 1-D RoPE; the last position predicts the 1x1 map
-            h_RTC, io = m(x_RnC, state.cond_R1C, rope_1d(state.context_pos_RT, hd), state.caches, None,
-                          capture_block)
+            h_RTC, io = m(x_RnC, state.cond, rope_1d(state.context_pos_RT, hd), state.caches, None, capture_block)
             # Logits of every context token, then the last: the official products, so equal bytes on a CPU.
             io = None if io is None else (io[0][:, -1:], io[1][:, -1:])
-            return m.logits(h_RTC.float(), state.cond_R1C.float())[:, -1:], io
+            return m.logits(h_RTC.float(), state.cond)[:, -1:], io
         pn = state.schedule[stage - 1][0]
         x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]
         cos_sin = take(rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd), positions_Rn)
-        h_RnC, io = m(x_RnC, state.cond_R1C, cos_sin, state.caches, valid_Rn, capture_block)
-        logits_RnV = m.logits(h_RnC.float(), state.cond_R1C.float())
+        h_RnC, io = m(x_RnC, state.cond, cos_sin, state.caches, valid_Rn, capture_block)
+        logits_RnV = m.logits(h_RnC.float(), state.cond)
         if stage < len(state.schedule):
             return logits_RnV, io
         return torch.cat([logits_RnV, h_RnC.float()], dim=-1), io
@@ -192,7 +191,7 @@ class HartBackend:
         discrete_BnC = m.word_embed(self.tokenizer.codebook[idx_Bn].to(self.dtype))
         z_RnC = m.decoder_norm(hidden_RnC.to(self.dtype) + discrete_BnC.repeat(state.branches, 1, 1))
         Cvae = self.tok.z_channels
-        z_Xc = z_RnC.reshape(state.branches * B * n, -1)  # rows: cond (image-major), then uncond
+        z_Xc = z_RnC.reshape(state.branches * B * n, z_RnC.shape[-1])  # rows: cond (image-major), then uncond
 
         def noise() -> torch.Tensor:
             return normals(generators, tokens, Cvae, positions_Bn, self.device).reshape(B * n, Cvae)

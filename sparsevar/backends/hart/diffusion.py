@@ -8,6 +8,7 @@ Noise comes from a caller-supplied function, so each image can draw it over its 
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -17,15 +18,20 @@ VAE_SCALE = 0.6  # the head models residual / 0.6
 FREQ_DIM = 256
 
 
+@lru_cache(maxsize=8)
+def _frequencies(device: torch.device) -> torch.Tensor:
+    """The sinusoidal timestep embedding's frequencies, computed on the CPU and copied to the device once."""
+    half = FREQ_DIM // 2
+    return torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half).to(device)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t_N: torch.Tensor) -> torch.Tensor:
-        half = FREQ_DIM // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half).to(t_N.device)
-        args = t_N[:, None].float() * freqs[None]
+        args = t_N[:, None].float() * _frequencies(t_N.device)[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -119,6 +125,14 @@ class ResidualSampler:
             "coef2": (1.0 - cumprod_prev[i]) * np.sqrt(1.0 - betas[i]) / (1.0 - cumprod[i]),
             "min_log": np.log(posterior_var[1] if i == 0 else posterior_var[i]), "max_log": np.log(betas[i]),
         } for i in range(len(betas))]
+        self._on_device: dict[torch.device, list[dict[str, torch.Tensor]]] = {}
+
+    def _constants(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Each step's coefficients as float32 scalars on the device, copied there once rather than every step."""
+        if device not in self._on_device:
+            self._on_device[device] = [{name: torch.tensor(v, dtype=torch.float32, device=device)
+                                        for name, v in step.items()} for step in self.steps]
+        return self._on_device[device]
 
     def sample(self, net: DenoiserMLP, z_RnZ: torch.Tensor, branches: int, cfg: float,
                noise: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -132,8 +146,9 @@ class ResidualSampler:
         z_RnZ = z_RnZ[: rows * n]
         x = noise()
         C, dtype = x.shape[1], next(net.parameters()).dtype
+        constants = self._constants(x.device)
         for i in reversed(range(len(self.steps))):
-            k = {name: torch.tensor(v, dtype=torch.float32, device=x.device) for name, v in self.steps[i].items()}
+            k = constants[i]
             t_R = torch.full((rows * n,), self.timestep_map[i], device=x.device, dtype=torch.long)
             out = net(x.repeat(rows, 1).to(dtype), t_R, z_RnZ).float()
             eps, var = out[:n, :C], out[:n, C:]

@@ -6,9 +6,26 @@ offset by the row's last context position id; the head's channels carry the angl
 k < D/2 mixes with channel k + D/2 even though their angles differ. That is the official layout, kept as is.
 """
 
+from functools import lru_cache
+
 import torch
 
 BASE = 10000  # rope_theta of every HART attention layer
+
+
+@lru_cache(maxsize=32)
+def _inv_freq(head_dim: int, step: int, device: torch.device) -> torch.Tensor:
+    """1 / BASE^(k/head_dim) for k = 0, step, 2·step, ... below head_dim, computed on the CPU as the official code
+    does and copied to the device once."""
+    return (1.0 / (BASE ** (torch.arange(0, head_dim, step, dtype=torch.int64).float() / head_dim))).to(device)
+
+
+@lru_cache(maxsize=64)
+def _grid_positions(pn: int, pn_last: int, device: torch.device) -> torch.Tensor:
+    """(row, col)·pn_last/pn of every token of a (pn, pn) stage, row-major: (pn*pn, 2), made once per stage size."""
+    grid = torch.arange(pn, device=device)
+    ij_L2 = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), dim=-1).reshape(-1, 2)
+    return ij_L2 / pn * pn_last
 
 
 def _cos_sin(angles_RLD: torch.Tensor) -> torch.Tensor:
@@ -17,19 +34,14 @@ def _cos_sin(angles_RLD: torch.Tensor) -> torch.Tensor:
 
 def rope_1d(position_ids_RT: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Cos/sin (2, R, T, head_dim) of the context tokens at their position ids."""
-    inv_freq = 1.0 / (BASE ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs_RTf = position_ids_RT.float()[..., None] * inv_freq.to(position_ids_RT.device)
+    freqs_RTf = position_ids_RT.float()[..., None] * _inv_freq(head_dim, 2, position_ids_RT.device)
     return _cos_sin(torch.cat([freqs_RTf, freqs_RTf], dim=-1))
 
 
 def rope_2d(pn: int, pn_last: int, offset_R: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Cos/sin (2, R, pn*pn, head_dim) of every token of a (pn, pn) stage, row-major."""
-    device = offset_R.device
-    inv_freq = 1.0 / (BASE ** (torch.arange(0, head_dim, 4, dtype=torch.int64).float() / head_dim)).to(device)
-    grid = torch.arange(pn, device=device)
-    ij_L2 = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), dim=-1).reshape(-1, 2)
-    pos_RL2 = (ij_L2 / pn * pn_last)[None] + offset_R[:, None, None]
-    freqs_RL2f = pos_RL2[..., None] * inv_freq  # (R, L, row|col, head_dim/4)
+    pos_RL2 = _grid_positions(pn, pn_last, offset_R.device)[None] + offset_R[:, None, None]
+    freqs_RL2f = pos_RL2[..., None] * _inv_freq(head_dim, 4, offset_R.device)  # (R, L, row|col, head_dim/4)
     angles_RLD = torch.cat([freqs_RL2f, freqs_RL2f], dim=-1).flatten(2)
     return _cos_sin(angles_RLD)
 

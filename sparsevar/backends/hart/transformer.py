@@ -6,6 +6,8 @@ applied after the normalisation. Every block reads one AdaLN condition: the cont
 all context tokens. Keys and values go through the shared `KVCache`, so only tokens that ran are attended to.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,24 @@ from sparsevar.backends.hart.rope import apply_rope
 
 MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()
 TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # in the official files, unused by inference
+
+
+@dataclass
+class BlockContext:
+    """What a block reads at every stage of a generation, computed once per generation rather than per stage:
+    its AdaLN modulation (γ1, γ2, 1 + scale1, 1 + scale2, shift1, shift2), its qkv bias and its query scale."""
+
+    ada: tuple[torch.Tensor, ...]
+    qkv_bias: torch.Tensor
+    scale_mul: torch.Tensor
+
+
+@dataclass
+class Conditioning:
+    """A generation's per-block contexts and the logits head's modulation (1 + scale, shift) in float32."""
+
+    blocks: list[BlockContext]
+    head: tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -43,12 +63,16 @@ class Attention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.zeros(1, heads, 1, 1))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn) -> torch.Tensor:
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The qkv bias (no key bias) and the query scale exp(min(scale_mul, ln 100)), as forward takes them."""
+        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), self.scale_mul_1H11.clamp_max(
+            MAX_SCALE_MUL).exp()
+
+    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn, bias, scale_mul) -> torch.Tensor:
         R, n, C = x_RnC.shape
-        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x_RnC, self.qkv_proj.weight, bias).view(R, n, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+        q = F.normalize(q, dim=-1).mul(scale_mul)
         k = F.normalize(k, dim=-1)
         keys, values, mask = cache.extend(apply_rope(k, cos_sin_2RnD), v, valid_Rn)
         out = F.scaled_dot_product_attention(apply_rope(q, cos_sin_2RnD), keys, values, attn_mask=mask, scale=1.0)
@@ -75,11 +99,15 @@ class Block(nn.Module):
         self.ln_wo_grad = RMSNorm(C, arch.norm_eps)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x_RnC, cond_R1C, cos_sin_2RnD, cache, valid_Rn) -> torch.Tensor:
+    def context(self, cond_R1C: torch.Tensor) -> BlockContext:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_R1C).chunk(6, dim=-1)
-        x_RnC = x_RnC + self.attn(self.ln_wo_grad(x_RnC) * (scale1 + 1) + shift1, cos_sin_2RnD, cache,
-                                  valid_Rn) * gamma1
-        return x_RnC + self.ffn(self.ln_wo_grad(x_RnC) * (scale2 + 1) + shift2) * gamma2
+        return BlockContext((gamma1, gamma2, scale1 + 1, scale2 + 1, shift1, shift2), *self.attn.constants())
+
+    def forward(self, x_RnC, ctx: BlockContext, cos_sin_2RnD, cache, valid_Rn) -> torch.Tensor:
+        gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
+        x_RnC = x_RnC + self.attn(self.ln_wo_grad(x_RnC) * scale1_1 + shift1, cos_sin_2RnD, cache, valid_Rn,
+                                  ctx.qkv_bias, ctx.scale_mul) * gamma1
+        return x_RnC + self.ffn(self.ln_wo_grad(x_RnC) * scale2_1 + shift2) * gamma2
 
 
 class HeadNorm(nn.Module):
@@ -90,9 +118,14 @@ class HeadNorm(nn.Module):
         self.ln_wo_grad = RMSNorm(dim, eps)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
+    def modulation(self, cond_R1C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (R, 1, C)."""
         scale, shift = self.ada_lin(cond_R1C).chunk(2, dim=-1)
-        return self.ln_wo_grad(x_RnC) * (scale + 1) + shift
+        return scale + 1, shift
+
+    def forward(self, x_RnC: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        scale_1, shift = modulation
+        return self.ln_wo_grad(x_RnC) * scale_1 + shift
 
 
 class HartTransformer(nn.Module):
@@ -122,15 +155,21 @@ class HartTransformer(nn.Module):
     def embed_context(self, context_RTC: torch.Tensor) -> torch.Tensor:
         return self.context_embed(self.context_norm(context_RTC))
 
-    def forward(self, x_RnC, cond_R1C, cos_sin_2RnD, caches: list[KVCache], valid_Rn, capture_block: int | None):
+    def condition(self, cond_R1C: torch.Tensor) -> Conditioning:
+        """Everything the stages read that depends on the AdaLN condition only, computed once per generation."""
+        blocks = [block.context(cond_R1C) for block in self.blocks]
+        return Conditioning(blocks, self.head_nm.modulation(cond_R1C.float()))
+
+    def forward(self, x_RnC, cond: Conditioning, cos_sin_2RnD, caches: list[KVCache], valid_Rn,
+                capture_block: int | None):
         """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s (in, out)."""
         block_io = None
-        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
+        for i, (block, ctx, cache) in enumerate(zip(self.blocks, cond.blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, cond_R1C, cos_sin_2RnD, cache, valid_Rn)
+            x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn)
             if i == capture_block:
                 block_io = (x_in, x_RnC)
         return x_RnC, block_io
 
-    def logits(self, h_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(h_RnC, cond_R1C)).float()
+    def logits(self, h_RnC: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.head(self.head_nm(h_RnC, cond.head)).float()

@@ -44,8 +44,6 @@ class InfinityState:
     branches: int
     schedule: list[tuple[int, int]]
     sos_R1C: torch.Tensor
-    cond_RD: torch.Tensor
-    cond_R16C: torch.Tensor
     text: TextContext
     caches: list[KVCache]
     rope_2Ld: torch.Tensor
@@ -99,7 +97,7 @@ class InfinityBackend:
                 uncond_mask = torch.where(has_neg_B1, neg_mask, mask_BT)
             text_BTC, mask_BT = torch.cat([text_BTC, uncond_BTC]), torch.cat([mask_BT, uncond_mask])
         with self._autocast():
-            sos_R1C, cond_RD, cond_R16C, text = m.encode_text(text_BTC.float(), mask_BT)
+            sos_R1C, text = m.encode_text(text_BTC.float(), mask_BT)
         grids = self.schedule(h_div_w)
         branches = 2 if guided else 1
         capacity = sum(h * w for h, w in grids)
@@ -108,7 +106,7 @@ class InfinityBackend:
                   for _ in range(self.depth)]
         H, W = self._vae_grid(*grids[-1])
         f_hat = torch.zeros(B, self.cfg.vae_bits, 1, H, W, device=self.device)
-        return InfinityState(B, branches, grids, sos_R1C, cond_RD, cond_R16C, text, caches,
+        return InfinityState(B, branches, grids, sos_R1C, text, caches,
                              self._rope_table(template(h_div_w)), stage_offsets(grids), f_hat)
 
     def _rope_table(self, h_div_w_template: float) -> torch.Tensor:
@@ -131,8 +129,7 @@ class InfinityBackend:
         table_2Ld = state.rope_2Ld[:, start : start + h * w]
         rope = table_2Ld[:, None] if positions_Rn is None else table_2Ld[:, positions_Rn]
         with self._autocast():
-            logits, block_io = self.model(x_RnC, stage, state.cond_RD, state.cond_R16C, rope, state.caches,
-                                          valid_Rn, state.text, capture_block)
+            logits, block_io = self.model(x_RnC, stage, rope, state.caches, valid_Rn, state.text, capture_block)
         return logits.mul(self._inv_temperature), block_io
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):

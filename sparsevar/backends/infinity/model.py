@@ -26,10 +26,24 @@ MAX_LOG_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # cap of the learned 
 
 
 @dataclass
-class TextContext:
-    """Per-generation text tensors: each block's cross-attention keys and values, and the padding mask."""
+class BlockContext:
+    """What a block reads at every stage of a generation, computed once per generation rather than per stage:
+    its AdaLN modulation (γ1, γ2, 1 + scale1, 1 + scale2, shift1, shift2), its self-attention's qkv bias and
+    query scale, its cross-attention norm's weight and bias in float32, and the text's keys and values."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    ada: tuple[torch.Tensor, ...]
+    qkv_bias: torch.Tensor
+    scale_mul: torch.Tensor
+    ca_norm: tuple[torch.Tensor, torch.Tensor]
+    text_kv: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class TextContext:
+    """Per-generation tensors: each block's context, the head's modulation (1 + scale, shift), the text's mask."""
+
+    blocks: list[BlockContext]
+    head: tuple[torch.Tensor, torch.Tensor]
     mask_R11T: torch.Tensor | None
 
 
@@ -61,12 +75,15 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn) -> torch.Tensor:
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The qkv bias (no key bias) and the query scale exp(min(scale_mul, ln 100)), as forward takes them."""
+        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), self.scale_mul_1H11.clamp_max(
+            MAX_LOG_SCALE_MUL).exp()
+
+    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_mul) -> torch.Tensor:
         R, n, C = x_RnC.shape
-        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x_RnC, self.mat_qkv.weight, bias).view(R, n, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        scale_mul = self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
         q = apply_rope(F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul), rope_2Rnd)
         k = apply_rope(F.normalize(k, dim=-1, eps=1e-12), rope_2Rnd)
         keys, values, mask = cache.extend(k.to(cache.k_RHLD.dtype), v.to(cache.v_RHLD.dtype), valid_Rn)
@@ -101,7 +118,7 @@ class CrossAttention(nn.Module):
         if q_RHnD.dtype == torch.float32:  # the official code casts to bf16 for flash-attn in this case only
             q_RHnD, k, v = (t.to(torch.bfloat16).float() for t in (q_RHnD, k, v))
         out = F.scaled_dot_product_attention(q_RHnD, k, v, attn_mask=mask_R11T).to(torch.bfloat16).float()
-        return self.proj(out.transpose(1, 2).reshape(R, n, -1))
+        return self.proj(out.transpose(1, 2).reshape(R, n, self.heads * self.head_dim))
 
     def attend(self, x_RnC: torch.Tensor, kv, mask_R11T: torch.Tensor | None) -> torch.Tensor:
         R, n, _ = x_RnC.shape
@@ -141,13 +158,19 @@ class Block(nn.Module):
         self.ca_norm = nn.LayerNorm(dim, eps=EPS)
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, dim))
 
-    def forward(self, x_RnC, cond_R16C, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
+    def context(self, cond_R16C: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor]) -> BlockContext:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_R16C).unbind(2)
-        x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * (scale1 + 1) + shift1, rope_2Rnd, cache, valid_Rn) * gamma1
         norm = self.ca_norm  # in float32 whatever the block's dtype, as CUDA autocast does it
-        x_ca = F.layer_norm(x_RnC.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-        x_RnC = x_RnC + self.ca.attend(x_ca, text_kv, text_mask).float()
-        return x_RnC + self.ffn(layer_norm(x_RnC) * (scale2 + 1) + shift2) * gamma2
+        return BlockContext((gamma1, gamma2, scale1 + 1, scale2 + 1, shift1, shift2), *self.sa.constants(),
+                            (norm.weight.float(), norm.bias.float()), text_kv)
+
+    def forward(self, x_RnC, ctx: BlockContext, rope_2Rnd, cache, valid_Rn, text_mask) -> torch.Tensor:
+        gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
+        x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * scale1_1 + shift1, rope_2Rnd, cache, valid_Rn, ctx.qkv_bias,
+                                ctx.scale_mul) * gamma1
+        x_ca = F.layer_norm(x_RnC.float(), self.ca_norm.normalized_shape, *ctx.ca_norm, self.ca_norm.eps)
+        x_RnC = x_RnC + self.ca.attend(x_ca, ctx.text_kv, text_mask).float()
+        return x_RnC + self.ffn(layer_norm(x_RnC) * scale2_1 + shift2) * gamma2
 
 
 class Chunk(nn.Module):
@@ -161,9 +184,14 @@ class AdaLNHead(nn.Module):
         super().__init__()
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x_RnC: torch.Tensor, cond_RD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond_RD).view(-1, 1, 2, x_RnC.shape[-1]).unbind(2)
-        return layer_norm(x_RnC) * (scale + 1) + shift
+    def modulation(self, cond_RD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (R, 1, C)."""
+        scale, shift = self.ada_lin(cond_RD).view(cond_RD.shape[0], 1, 2, -1).unbind(2)
+        return scale + 1, shift
+
+    def forward(self, x_RnC: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        scale_1, shift = modulation
+        return layer_norm(x_RnC) * scale_1 + shift
 
 
 class Infinity(nn.Module):
@@ -190,20 +218,24 @@ class Infinity(nn.Module):
     def blocks(self) -> list[Block]:
         return [block for chunk in self.block_chunks for block in chunk.module]
 
-    def encode_text(self, text_RTC: torch.Tensor, mask_RT: torch.Tensor):
-        """Start tokens (R, 1, C), AdaLN condition (R, D) and its shared projection (R, 1, 6, C), text context."""
+    def encode_text(self, text_RTC: torch.Tensor, mask_RT: torch.Tensor) -> tuple[torch.Tensor, TextContext]:
+        """Start tokens (R, 1, C) and the text context: everything the stages read that depends on the text only.
+
+        The AdaLN condition (R, D) gives the start token, the shared projection (R, 1, 6, C) every block's
+        modulation and, with autocast off as in `forward`, the head's.
+        """
         text_RTC = self.text_norm(text_RTC)
         mask_R11T = None if bool(mask_RT.all()) else mask_RT[:, None, None, :]
         cond_RD = self.text_proj_for_sos.ca.pool(text_RTC, mask_R11T).float()
         ca_RTC = self.text_proj_for_ca(text_RTC)
-        kv = [block.ca.text_kv(ca_RTC) for block in self.blocks]
         with torch.autocast(cond_RD.device.type, enabled=False):
             cond_R16C = self.shared_ada_lin(cond_RD).view(cond_RD.shape[0], 1, 6, -1).float()
+            head = self.head_nm.modulation(cond_RD.float())
+        blocks = [block.context(cond_R16C, block.ca.text_kv(ca_RTC)) for block in self.blocks]
         sos_R1C = cond_RD.unsqueeze(1) + self.pos_start
-        return sos_R1C, cond_RD, cond_R16C, TextContext(kv, mask_R11T)
+        return sos_R1C, TextContext(blocks, head, mask_R11T)
 
-    def forward(self, x_RnC, stage, cond_RD, cond_R16C, rope_2Rnd, caches, valid_Rn, text: TextContext,
-                capture_block: int | None):
+    def forward(self, x_RnC, stage, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block: int | None):
         """Logits (R, n, 2 * bits) of a stage's tokens and, if asked, the input and output of block capture_block.
 
         x is the start token at stage 1 and raw codes afterwards; the level embedding is added once, before
@@ -212,11 +244,11 @@ class Infinity(nn.Module):
         x_RnC = x_RnC if stage == 1 else self.word_embed(x_RnC)
         x_RnC = x_RnC.float() + self.lvl_embed.weight[stage - 1]
         block_io = None
-        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
+        for i, (block, ctx, cache) in enumerate(zip(self.blocks, text.blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, cond_R16C, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
+            x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T)
             if i == capture_block:
                 block_io = (x_in, x_RnC)
         with torch.autocast(x_RnC.device.type, enabled=False):
-            logits = self.head(self.head_nm(x_RnC.float(), cond_RD.float()))
+            logits = self.head(self.head_nm(x_RnC.float(), text.head))
         return logits, block_io

@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from sparsevar.backends.tiny.text import ByteTokenizer, TextEncoder
 from sparsevar.backends.tiny.transformer import TextContext, TinyTransformer
 from sparsevar.config import SamplingConfig
 from sparsevar.sampling import sample_bits
+
+DEMO_WEIGHTS = Path(__file__).parents[2] / "demo" / "weights" / "demo.safetensors"
 
 
 class TinyModel(nn.Module):
@@ -45,7 +48,12 @@ class TinyState:
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict saved by torch.save or safetensors, strictly, with a message naming the file."""
+    """Load a state dict saved by torch.save or safetensors, strictly, with a message naming the file.
+
+    `demo` names the demo model's weights shipped in the package (sparsevar/demo/weights/demo.safetensors).
+    """
+    if path == "demo":
+        path = str(DEMO_WEIGHTS)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -25,7 +25,9 @@ class TinyConfig(StrictModel):
     decoder_channels: int = Field(32, ge=4)
     upsample: int = Field(1, ge=0, description="number of 2x upsamplings from the last token map to pixels")
     seed: int = Field(0, description="seed of the random weights when no `weights` file is given")
-    weights: str | None = Field(None, description="state dict (.pt or .safetensors) to load instead")
+    weights: str | None = Field(
+        None, description="state dict (.pt or .safetensors) to load instead, or `demo` for the shipped demo model"
+    )
 
     @field_validator("patch_sizes")
     @classmethod

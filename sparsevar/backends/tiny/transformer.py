@@ -102,5 +102,27 @@ class TinyTransformer(nn.Module):
             x_RnC = block(x_RnC, cond_R1C, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
             if i == capture_block:
                 block_io = (x_in, x_RnC)
+        return self.logits(x_RnC, cond_R1C), block_io
+
+    def logits(self, x_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
         shift, scale = self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1)
-        return self.head(self.head_norm(x_RnC) * (1 + scale) + shift), block_io
+        return self.head(self.head_norm(x_RnC) * (1 + scale) + shift)
+
+    def forward_teacher(self, inputs_BLb, cond_B1C, rope_21Ld, stage_ids_L, text: TextContext) -> torch.Tensor:
+        """Training: every stage at once from teacher-forced inputs, block-causal over stages. (B, L, 2*bits)."""
+        x_BLC = torch.cat([cond_B1C + self.pos_start, self.word_embed(inputs_BLb)], dim=1)
+        x_BLC = x_BLC + self.lvl_embed(stage_ids_L)
+        whole = _WholeSequence(stage_ids_L[None, :] <= stage_ids_L[:, None])
+        for block, kv in zip(self.blocks, text.kv, strict=True):
+            x_BLC = block(x_BLC, cond_B1C, rope_21Ld, whole, None, kv, text.mask_R11T)
+        return self.logits(x_BLC, cond_B1C)
+
+
+class _WholeSequence:
+    """Stands in for the KV cache when the whole sequence runs at once: keys are the inputs, the mask fixed."""
+
+    def __init__(self, mask_LL: torch.Tensor) -> None:
+        self.mask_11LL = mask_LL[None, None]
+
+    def extend(self, k_BHLD, v_BHLD, valid):
+        return k_BHLD, v_BHLD, self.mask_11LL

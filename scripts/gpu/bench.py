@@ -1,0 +1,206 @@
+"""Time SparseVAR against dense on the full-size Infinity-2B and HART-0.7B architectures at 1024², random weights.
+
+    python scripts/gpu/bench.py                 # one GPU (H200): bf16, CFG, batch 1, 8, 16; sized for < 8 minutes
+    python scripts/gpu/bench.py --smoke         # CPU smoke run: tiny architectures and schedules, < 1 minute
+
+Each model is built directly on the device with random weights (no files): the transformer, VAE or tokenizer
+decoder and a text encoder of the real size (flan-t5-xl's, Qwen2-1.5B's). Sampling and the SparseVAR defaults
+come from configs/infinity-2b.yaml and configs/hart-0.7b.yaml. For every model and batch: dense, the config's
+SparseVAR setting and the same with `normalize: quantile` (for Infinity-2B the issue's target: τ = 0.6, P = 10,
+s = 16, α = 4); each gets one warm-up generation and --runs timed ones through the shared loop, timed with device
+synchronisation. Reported: median latency per image, speed-up over the dense row of the same run and batch, the
+spec's FLOPs ratio (sparsevar.flops), efficiency (speed-up / FLOPs ratio), kept ratio from stage P, SparseVAR's
+own time (scoring, gathering, filling) and peak GPU memory (both models' weights included). Both models are
+built first and the batches run in turn, so a run cut short still covers both. Rows print as they finish; --out
+(JSON, per-stage figures included) is rewritten after each; the markdown table prints at the end. Random weights
+make min-max kept ratios differ from the real models'; quantile keeps the same fraction whatever the weights.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from sparsevar.backends import resolve_device  # noqa: E402
+from sparsevar.config import SamplingConfig, SparseVARConfig  # noqa: E402
+from sparsevar.flops import flops_ratio  # noqa: E402
+from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate  # noqa: E402
+
+PROMPTS = ["a photo of a red fox in the snow", "a bowl of ramen on a wooden table, studio lighting",
+           "an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dusk",
+           "a close-up portrait of an old fisherman", "a futuristic city skyline at night, neon lights",
+           "two cats sleeping on a sofa", "a field of sunflowers under a blue sky"]
+NO_FILE = "(random weights)"
+MODELS = {"infinity-2b": "configs/infinity-2b.yaml", "hart-0.7b": "configs/hart-0.7b.yaml"}
+WARMUP = 1  # generations before timing each setting (none in a smoke run): kernels, allocator, shape caches
+SMOKE_STAGES = {"infinity-2b": dict(start_stage=5, score_block=2), "hart-0.7b": dict(start_stage=4, score_block=2)}
+
+
+def build_infinity(model: dict, sampling: SamplingConfig, smoke: bool, device, dtype):
+    from sparsevar.backends.infinity.backend import InfinityBackend, InfinityParts
+    from sparsevar.backends.infinity.config import InfinityConfig
+    from sparsevar.backends.infinity.testing import T5_XL, TINY, offline_tokenizer, random_parts, random_t5
+    from sparsevar.backends.infinity.text import T5Text
+
+    files = dict(transformer=NO_FILE, vae=NO_FILE, text_encoder=NO_FILE)
+    cfg = InfinityConfig(**{**(TINY if smoke else model), **files})
+    transformer, vae = random_parts(cfg, seed=0, device=device)
+    tokenizer = offline_tokenizer()
+    t5 = random_t5(cfg.text_channels, **{"vocab": len(tokenizer), **({} if smoke else T5_XL)}, device=device)
+    t5.to(torch.float16 if device.type == "cuda" else torch.float32)  # as T5Text.load
+    text = T5Text(tokenizer, t5, device, cfg.text_max_tokens)
+    return InfinityBackend(cfg, sampling, InfinityParts(transformer, vae, text), device, dtype)
+
+
+def build_hart(model: dict, sampling: SamplingConfig, smoke: bool, device, dtype):
+    from sparsevar.backends.hart.backend import HartBackend
+    from sparsevar.backends.hart.config import HartConfig
+    from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
+    from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, random_parts
+
+    cfg = HartConfig(**{**model, "llm": NO_FILE, "tokenizer": NO_FILE, "text_encoder": NO_FILE})
+    arch, tok = (TINY_ARCH, TINY_TOK) if smoke else (TransformerArch(), TokenizerArch())
+    text = TextArch(hidden_size=arch.context_dim) if smoke else TextArch.qwen2_1_5b()
+    parts = random_parts(arch, tok, text, device, system_prompt=cfg.system_prompt)
+    parts.text.model.to(dtype)
+    return HartBackend(cfg, sampling, parts, device, dtype)
+
+
+def settings(name: str, sv: SparseVARConfig, smoke: bool) -> list[SparseVARConfig]:
+    """Dense, the config's SparseVAR and the same with quantile scores (the smoke run moves P and s into range)."""
+    sv = sv.model_copy(update=SMOKE_STAGES[name] if smoke else {})
+    quantile = sv.model_copy(update={"normalize": "quantile"})
+    return [sv.model_copy(update={"enabled": False}), *([quantile, sv] if sv.normalize != "quantile" else [sv])]
+
+
+def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) -> dict:
+    """Median per-image latency and the figures of one setting, from `runs` warm generations."""
+    device = backend.device
+    requests = [Request(PROMPTS[i % len(PROMPTS)], seed=i) for i in range(batch)]
+    for _ in range(warmup):
+        generate(backend, requests, sv, profile=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results: list[list[ImageResult]] = [generate(backend, requests, sv, profile=True) for _ in range(runs)]
+    images = results[0]
+    first = first_sparse_stage(sv) or len(images[0].stages) + 1
+    late = [s for img in images for s in img.stages if s.stage >= first]
+    stages = [{"stage": s.stage, "grid": f"{s.height}x{s.width}", "tokens": s.tokens,
+               "latency_ms": statistics.median(run[0].stages[i].latency_ms for run in results) / batch,
+               "kept_ratio": statistics.mean(img.stages[i].kept / s.tokens for img in images),
+               "overhead_ms": statistics.median(run[0].stages[i].overhead_ms for run in results) / batch}
+              for i, s in enumerate(images[0].stages)]  # per image
+    return {
+        "latency_ms": statistics.median(run[0].latency_ms for run in results) / batch,
+        "flops_ratio": statistics.mean(flops_ratio(img.stages, backend.block_params, backend.dim, backend.depth)
+                                       for img in images),
+        "kept_ratio": sum(s.kept for s in late) / sum(s.tokens for s in late) if late else 1.0,
+        "overhead_ms": sum(s["overhead_ms"] for s in stages),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "stages": stages,
+    }
+
+
+def setting(row: dict) -> str:
+    return "dense" if row["mode"] == "dense" else f"{row['normalize']} τ={row['tau']}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | batch | setting | ms/image | speed-up | FLOPs ratio | efficiency | kept (≥P) "
+             "| overhead ms/image | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {r['model']} | {r['batch']} | {setting(r)} | {r['latency_ms']:.1f} | {r['speedup']:.2f} "
+                     f"| {r['flops_ratio']:.2f} | {r['efficiency']:.2f} | {r['kept_ratio']:.3f} "
+                     f"| {r['overhead_ms']:.2f} | {peak} |")
+    return "\n".join(lines)
+
+
+def compile_blocks(backend) -> None:
+    """torch.compile each transformer block (regional compilation: identical blocks share the compiled code).
+
+    The key/value cache's bookkeeping stays eager (a graph break); shapes are dynamic, so graphs are compiled per
+    kind of stage (a single token or many, dense or with padding), not per stage: a few minutes of warm-up.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    from sparsevar.attention import KVCache
+
+    fx_config.use_duck_shape = False  # equal sizes in one call (batch rows, heads) must not become guards
+    torch._dynamo.config.cache_size_limit = 64
+    KVCache.extend = torch.compiler.disable(KVCache.extend)
+    for block in backend.model.blocks:
+        block.compile(dynamic=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 16 (smoke: 1 2)")
+    parser.add_argument("--runs", type=int, help="timed generations per setting, after one warm-up; default 3 "
+                        "(smoke: 1, no warm-up)")
+    parser.add_argument("--out", default="gpu-bench.json", help="JSON written after every row")
+    parser.add_argument("--compile", action="store_true",
+                        help="experimental: torch.compile the transformer blocks (minutes of warm-up)")
+    parser.add_argument("--smoke", action="store_true", help="tiny architectures and schedules, for a CPU check")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    batches = args.batches or ([1, 2] if args.smoke else [1, 8, 16])
+    runs, warmup = args.runs or (1 if args.smoke else 3), 0 if args.smoke else WARMUP
+    device, dtype = resolve_device(args.device)
+    if args.smoke and device.type == "cpu":
+        torch.set_num_threads(1)  # as a generation actor; on a busy 2-core machine two threads take 7x longer
+    started = time.perf_counter()
+    rows: list[dict] = []
+    meta = {"command": " ".join(["python scripts/gpu/bench.py", *(sys.argv[1:] if argv is None else argv)]),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "dtype": str(dtype), "torch": torch.__version__, "runs": runs, "warmup": warmup, "compile": args.compile}
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+    backends = {}  # all built first, then batch by batch, so that a run cut short still covers every model
+    for name in args.models:
+        config = yaml.safe_load((REPO / MODELS[name]).read_text())
+        model = {k: v for k, v in config["model"].items() if k != "backend"}
+        torch.manual_seed(0)
+        build = build_infinity if name.startswith("infinity") else build_hart
+        backend = build(model, SamplingConfig(**config["sampling"]), args.smoke, device, dtype)
+        if args.compile:
+            compile_blocks(backend)
+        backends[name] = backend, settings(name, SparseVARConfig(**config["sparsevar"]), args.smoke)
+        params = sum(p.numel() for p in backend.model.parameters()) / 1e9
+        log(f"built {name}{' (smoke)' if args.smoke else ''}: {params:.3f}B transformer params, {dtype}, "
+            f"{len(backend.schedule(1.0))} stages up to {backend.schedule(1.0)[-1]}")
+    if device.type == "cuda":
+        log(f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated for the models")
+    for batch in batches:
+        for name, (backend, svs) in backends.items():
+            for sv in svs:  # dense first
+                row = {"model": name, "batch": batch, "mode": "sparse" if sv.enabled else "dense",
+                       "normalize": sv.normalize if sv.enabled else None, "tau": sv.tau if sv.enabled else None,
+                       "sparsevar": sv.model_dump(), **measure(backend, batch, sv, warmup, runs)}
+                if not sv.enabled:
+                    dense_ms = row["latency_ms"]
+                row["speedup"] = dense_ms / row["latency_ms"]
+                row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                rows.append(row)
+                log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
+                    f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency {row['efficiency']:.2f}, "
+                    f"kept {row['kept_ratio']:.3f}")
+                Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"\n{meta['device']}, {dtype}, CFG on, median of {runs} runs after {warmup} warm-up\n\n{table(rows)}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Training of the demo model in resumable phases: tokenizer, decoder fine-tuning, transformer, yardstick.
+
+The decoder phase trains the decoder alone on the frozen encoder's codes: pictures get sharper while the
+codes, and so what the transformer learns, stay the same.
+
+Every batch is a pure function of (seed, phase, step), so a run resumed from its last checkpoint continues
+exactly as if it had never stopped. Held-out scenes use seeds no training batch can draw.
+"""
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm import tqdm
+
+from sparsevar.attention import rope_2d_table
+from sparsevar.backends.tiny.backend import TinyModel
+from sparsevar.backends.tiny.config import TinyConfig
+from sparsevar.backends.tiny.decoder import Decoder
+from sparsevar.backends.tiny.text import ByteTokenizer
+from sparsevar.backends.tiny.transformer import TextContext
+from sparsevar.config import StrictModel
+from sparsevar.demo import scenes
+from sparsevar.demo.scenes import HELD_OUT_SEED
+from sparsevar.demo.tokenizer import Encoder, quantize, stage_inputs
+from sparsevar.demo.yardstick import Yardstick, pixels, scene_labels
+
+
+def demo_model() -> TinyConfig:
+    """The shipped demo model's architecture: 128x128 pictures from a 16x16 map in 10 stages."""
+    return TinyConfig(
+        dim=128, depth=6, heads=4, bits=16, patch_sizes=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
+        text_dim=64, text_depth=2, text_heads=4, max_text_tokens=96, decoder_channels=128, upsample=3,
+    )
+
+
+class Phase(StrictModel):
+    steps: int = Field(ge=0)
+    batch: int = Field(ge=1)
+    lr: float = Field(gt=0)
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    model: TinyConfig = Field(default_factory=demo_model)
+    tokenizer: Phase = Phase(steps=600, batch=12, lr=2e-3)
+    decoder: Phase = Phase(steps=300, batch=12, lr=5e-4)
+    transformer: Phase = Phase(steps=1000, batch=16, lr=2e-3)
+    yardstick: Phase = Phase(steps=400, batch=32, lr=2e-3)
+    cfg_dropout: float = Field(0.1, ge=0, le=1)
+    commitment: float = Field(0.1, ge=0, description="weight of |f - f_hat|^2 that keeps the encoder in range")
+    checkpoint_every: int = Field(50, ge=1)
+    held_out: int = Field(64, ge=1)
+
+    @property
+    def size(self) -> int:
+        return self.model.patch_sizes[-1] * 2**self.model.upsample
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two batches in [-1, 1], over all pixels."""
+    return float(10 * torch.log10(4.0 / F.mse_loss(a, b).clamp_min(1e-12)))
+
+
+def _batches(cfg: TrainConfig, phase: int, batch: int, start: int) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+    for step in range(start, 10**12):
+        first = (phase * 10**8 + step * batch) % HELD_OUT_SEED + cfg.seed * 7919
+        images, captions, found = scenes.batch(range(first, first + batch), cfg.size)
+        yield step, images, captions, found
+
+
+def _lr(phase: Phase, step: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine down to a tenth."""
+    warm = max(1, phase.steps // 20)
+    if step < warm:
+        return phase.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, phase.steps - warm)
+    return phase.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+class Checkpoint:
+    """One phase's modules, optimizer and step in one file, written atomically."""
+
+    def __init__(self, path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
+        self.path, self.modules, self.optimizer = path, modules, optimizer
+
+    def load(self) -> int:
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        state = {name: m.state_dict() for name, m in self.modules.items()}
+        state |= {"optimizer": self.optimizer.state_dict(), "step": step}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+
+def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, modules, params, step_fn) -> None:
+    """The shared loop of every phase: resume, step, log, checkpoint."""
+    optimizer = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    checkpoint = Checkpoint(out / f"{name}.pt", modules, optimizer)
+    start = checkpoint.load()
+    if start >= phase.steps:
+        return
+    log = (out / "log.jsonl").open("a")
+    bar = tqdm(total=phase.steps, initial=start, desc=name, dynamic_ncols=True, mininterval=5)
+    began = time.time()
+    for step, images, captions, found in _batches(cfg, index, phase.batch, start):
+        if step >= phase.steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(phase, step)
+        loss, figures = step_fn(images, captions, found)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in figures.items()})
+        if (step + 1) % 10 == 0 or step + 1 == phase.steps:
+            row = {"phase": name, "step": step + 1, "loss": loss.item(), "seconds": time.time() - began} | figures
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == phase.steps:
+            checkpoint.save(step + 1)
+    bar.close()
+    log.close()
+
+
+def train_tokenizer(cfg: TrainConfig, out: Path) -> tuple[Encoder, Decoder]:
+    m = cfg.model
+    torch.manual_seed(cfg.seed)
+    encoder, decoder = Encoder(m.bits, m.decoder_channels, m.upsample), Decoder(m.bits, m.decoder_channels, m.upsample)
+    params = [*encoder.parameters(), *decoder.parameters()]
+
+    def step(images, captions, found):
+        x = pixels(images)
+        f = encoder(x)
+        f_hat, _ = quantize(f, m.patch_sizes)
+        y = decoder(f_hat)
+        loss = F.mse_loss(y, x) + cfg.commitment * F.mse_loss(f, f_hat.detach())
+        return loss, {"psnr": psnr(y.detach(), x)}
+
+    _run("tokenizer", cfg, cfg.tokenizer, 1, out, {"encoder": encoder, "decoder": decoder}, params, step)
+    return encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
+
+
+def finetune_decoder(cfg: TrainConfig, out: Path, encoder: Encoder, decoder: Decoder) -> Decoder:
+    decoder = copy.deepcopy(decoder).train().requires_grad_(True)
+
+    def step(images, captions, found):
+        x = pixels(images)
+        with torch.no_grad():
+            f_hat, _ = quantize(encoder(x), cfg.model.patch_sizes)
+        y = decoder(f_hat)
+        return F.mse_loss(y, x), {"psnr": psnr(y.detach(), x)}
+
+    _run("decoder", cfg, cfg.decoder, 4, out, {"decoder": decoder}, list(decoder.parameters()), step)
+    return decoder.eval().requires_grad_(False)
+
+
+def teacher_batch(encoder: Encoder, cfg: TinyConfig, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced stage inputs (B, L-1, bits) and target bits (B, L, bits) of a batch of pictures."""
+    with torch.no_grad():
+        _, codes = quantize(encoder(pixels(images)), cfg.patch_sizes)
+    targets_BLb = torch.cat([c.flatten(2).transpose(1, 2) for c in codes], dim=1) > 0
+    return stage_inputs(codes, cfg.patch_sizes), targets_BLb.long()
+
+
+def sequence_layout(cfg: TinyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE table (2, 1, L, d/2) and stage index (L,) of the whole square token sequence."""
+    head_dim, grid = cfg.dim // cfg.heads, (cfg.patch_sizes[-1],) * 2
+    rope = torch.cat([rope_2d_table(p, p, head_dim, grid) for p in cfg.patch_sizes], dim=1)[:, None]
+    stage_ids = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_sizes)])
+    return rope, stage_ids
+
+
+def train_transformer(cfg: TrainConfig, out: Path, encoder: Encoder, decoder: Decoder) -> TinyModel:
+    m = cfg.model
+    torch.manual_seed(cfg.seed + 1)
+    model = TinyModel(m)
+    model.decoder.load_state_dict(decoder.state_dict())
+    model.decoder.requires_grad_(False)
+    tokenizer = ByteTokenizer(m.max_text_tokens)
+    rope, stage_ids = sequence_layout(m)
+    dropout = torch.Generator().manual_seed(cfg.seed + 2)
+    params = [p for name, p in model.named_parameters() if not name.startswith("decoder.")]
+
+    def step(images, captions, found):
+        inputs, targets = teacher_batch(encoder, m, images)
+        ids, mask = tokenizer(captions, "cpu")
+        text = model.text_encoder(ids, mask)
+        drop = torch.rand(len(captions), generator=dropout) < cfg.cfg_dropout
+        text = torch.where(drop[:, None, None], model.cfg_uncond[: ids.shape[1]].expand_as(text), text)
+        cond = model.transformer.condition(text, mask)
+        context = TextContext([b.cross.text_kv(text) for b in model.transformer.blocks], mask[:, None, None, :])
+        logits = model.transformer.forward_teacher(inputs, cond, rope, stage_ids, context)
+        loss = F.cross_entropy(logits.reshape(-1, 2), targets.reshape(-1))
+        last = targets.shape[1] - m.patch_sizes[-1] ** 2
+        accuracy = (logits.detach().unflatten(-1, (-1, 2)).argmax(-1) == targets)[:, last:].float().mean()
+        return loss, {"bit_acc_last": float(accuracy)}
+
+    _run("transformer", cfg, cfg.transformer, 2, out, {"model": model}, params, step)
+    return model.eval().requires_grad_(False)
+
+
+def train_yardstick(cfg: TrainConfig, out: Path) -> Yardstick:
+    torch.manual_seed(cfg.seed + 3)
+    yardstick = Yardstick()
+
+    def step(images, captions, found):
+        logits = yardstick(pixels(images))
+        labels = torch.stack([scene_labels(s) for s in found])
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        return loss, {"acc": float(((logits > 0) == (labels > 0.5)).float().mean())}
+
+    _run("yardstick", cfg, cfg.yardstick, 3, out, {"yardstick": yardstick}, list(yardstick.parameters()), step)
+    return yardstick.eval().requires_grad_(False)
+
+
+def held_out(cfg: TrainConfig) -> tuple[np.ndarray, list[str], list[scenes.Scene]]:
+    return scenes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.held_out), cfg.size)
+
+
+def tokenizer_psnr(cfg: TrainConfig, encoder: Encoder, decoder: Decoder) -> float:
+    """Reconstruction PSNR over the held-out scenes."""
+    images, _, _ = held_out(cfg)
+    x = pixels(images)
+    with torch.no_grad():
+        y = decoder(quantize(encoder(x), cfg.model.patch_sizes)[0])
+    y = ((y + 1) * 127.5).round() / 127.5 - 1  # as the backend writes it: 8-bit
+    return psnr(y, x)

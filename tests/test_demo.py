@@ -1,0 +1,138 @@
+"""The demo model: procedural scenes, the tokenizer's agreement with the backend, teacher forcing against the
+generation loop, the shipped weights and the yardstick."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevar.backends import build_backend
+from sparsevar.backends.tiny.backend import DEMO_WEIGHTS, TinyBackend
+from sparsevar.backends.tiny.transformer import TextContext
+from sparsevar.config import SamplingConfig
+from sparsevar.demo import scenes
+from sparsevar.demo.scenes import HELD_OUT_SEED
+from sparsevar.demo.tokenizer import Encoder, quantize, stage_inputs
+from sparsevar.demo.train import demo_model, sequence_layout
+from sparsevar.demo.yardstick import ATTRIBUTES, SHIPPED, load_yardstick, pixels, requested
+from sparsevar.generate import Request, generate
+from workflows import train_demo
+from workflows.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scenes_are_a_function_of_their_seed_and_captions_name_every_shape():
+    for seed in range(30):
+        (scene, caption), (again, caption_again) = scenes.scene_from_seed(seed), scenes.scene_from_seed(seed)
+        assert scene == again and caption == caption_again
+        assert np.array_equal(scenes.render(scene, 64), scenes.render(again, 64))
+        for shape in scene.shapes:
+            assert {shape.shape, shape.colour, shape.fill} <= set(caption.replace(",", "").split())
+    images, captions, _ = scenes.batch(range(8), 128)
+    assert images.shape == (8, 128, 128, 3) and images.dtype == np.uint8
+    assert len(set(captions)) > 4 and images.std() > 20
+
+
+def test_quantizer_sums_and_stage_inputs_are_what_the_backend_computes():
+    cfg = demo_model()
+    backend = TinyBackend(cfg, SamplingConfig(), torch.device("cpu"))
+    torch.manual_seed(0)
+    f = Encoder(cfg.bits, 16, cfg.upsample)(torch.rand(2, 3, 128, 128) * 2 - 1)
+    f_hat, codes = quantize(f, cfg.patch_sizes)
+    inputs = stage_inputs(codes, cfg.patch_sizes)
+    state = backend.begin(["a", "b"], [None, None], 1.0)
+    offset = 0
+    for stage, q in enumerate(codes, start=1):
+        if stage > 1:
+            x = backend.stage_input(state, stage)[:2]
+            n = x.shape[1]
+            torch.testing.assert_close(x, inputs[:, offset:offset + n], rtol=0, atol=1e-6)
+            offset += n
+        backend.accumulate(state, q.flatten(2).transpose(1, 2), stage)
+    torch.testing.assert_close(state.f_hat_BCHW, f_hat, rtol=0, atol=1e-5)
+    assert set(torch.cat([c.flatten() for c in codes]).unique().tolist()) == {-0.25, 0.25}
+
+
+def test_teacher_forcing_gives_the_generation_loops_logits():
+    """Training sees, all stages at once, exactly what the cached stage-by-stage loop computes."""
+    cfg = demo_model().model_copy(update={"patch_sizes": [1, 2, 3, 4]})
+    backend = TinyBackend(cfg, SamplingConfig(cfg=1.0), torch.device("cpu"))
+    model = backend.model
+    state = backend.begin(["a red solid circle", "a blue striped square at the top"], [None, None], 1.0)
+    logits, inputs = [], []
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    for stage in range(1, len(cfg.patch_sizes) + 1):
+        x = backend.stage_input(state, stage)
+        if stage > 1:
+            inputs.append(x)
+        pred, _ = backend.forward(state, x, stage, None, None, None)
+        logits.append(pred)
+        backend.accumulate(state, backend.sample(state, pred, stage, generators, None), stage)
+    ids, mask = backend.tokenizer(["a red solid circle", "a blue striped square at the top"], "cpu")
+    text = model.text_encoder(ids, mask)
+    context = TextContext([b.cross.text_kv(text) for b in model.transformer.blocks], mask[:, None, None, :])
+    rope, stage_ids = sequence_layout(cfg)
+    with torch.no_grad():
+        teacher = model.transformer.forward_teacher(
+            torch.cat(inputs, 1), model.transformer.condition(text, mask), rope, stage_ids, context
+        )
+    torch.testing.assert_close(teacher, torch.cat(logits, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_yardstick_parses_prompts():
+    assert [ATTRIBUTES[i] for i in requested("A Red striped circle, and a blue square")] == [
+        "circle", "square", "red", "blue", "striped"]
+    assert requested("a photo of a cat") == []
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not shipped yet")
+def test_shipped_weights_load_through_the_job_config_and_generate_deterministically():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["runtime.device=cpu"])
+    assert cfg.model.weights == "demo"
+    assert DEMO_WEIGHTS.stat().st_size + SHIPPED.stat().st_size <= 40 * 2**20
+    backend = build_backend(cfg.model, cfg.sampling, "cpu")
+    requests = [Request("a red solid circle in the centre", 3), Request("a blue striped square", 4)]
+    first = generate(backend, requests, cfg.sparsevar)
+    again = generate(backend, requests, cfg.sparsevar)
+    for a, b in zip(first, again, strict=True):
+        assert a.pixels_HWC.shape == (128, 128, 3)
+        assert np.array_equal(a.pixels_HWC, b.pixels_HWC)
+    assert not np.array_equal(first[0].pixels_HWC, first[1].pixels_HWC)
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="yardstick not shipped yet")
+def test_shipped_yardstick_recognises_real_scenes():
+    images, captions, _ = scenes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 32), 128)
+    assert load_yardstick().score(pixels(images), captions).mean() > 0.9
+
+
+def test_train_demo_runs_every_phase_and_resumes(tmp_path):
+    steps = json.dumps({"tokenizer": 1, "decoder": 1, "transformer": 1, "yardstick": 1})
+    assert train_demo.main(["--out", str(tmp_path), "--steps", steps, "--held-out", "2"]) == 0
+    for name in ("demo.safetensors", "yardstick.safetensors", "tokenizer.pt", "decoder.pt", "transformer.pt",
+                 "summary.json"):
+        assert (tmp_path / name).exists()
+    more = json.dumps({"tokenizer": 2, "decoder": 1, "transformer": 1, "yardstick": 1})
+    assert train_demo.main(["--out", str(tmp_path), "--steps", more, "--held-out", "2",
+                            "--phases", "tokenizer"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in logged] == [
+        ("tokenizer", 1), ("decoder", 1), ("transformer", 1), ("yardstick", 1), ("tokenizer", 2)]
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not shipped yet")
+def test_readme_main_job_runs_the_demo_model_on_ray(ray_cluster, tmp_path):
+    """The README's main command, on a real local cluster: the shipped config and sample prompts."""
+    from workflows.generate import EXIT_OK, main
+
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--prompts", str(ROOT / "configs" / "prompts" /
+            "sample.jsonl"), "--output", str(tmp_path), "--limit", "4", "--set", "ray.num_actors=1"]
+    assert main(argv) == EXIT_OK
+    images = sorted((tmp_path / "images").glob("*.png"))
+    assert len(images) == 4
+    from PIL import Image
+
+    assert all(Image.open(p).size == (128, 128) for p in images)
