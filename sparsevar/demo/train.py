@@ -51,9 +51,9 @@ class TrainConfig(StrictModel):
     seed: int = 0
     model: TinyConfig = Field(default_factory=demo_model)
     tokenizer: Phase = Phase(steps=600, batch=12, lr=2e-3)
-    decoder: Phase = Phase(steps=300, batch=12, lr=5e-4)
+    decoder: Phase = Phase(steps=200, batch=12, lr=5e-4)
     transformer: Phase = Phase(steps=1000, batch=16, lr=2e-3)
-    yardstick: Phase = Phase(steps=400, batch=32, lr=2e-3)
+    yardstick: Phase = Phase(steps=300, batch=32, lr=2e-3)
     cfg_dropout: float = Field(0.1, ge=0, le=1)
     commitment: float = Field(0.1, ge=0, description="weight of |f - f_hat|^2 that keeps the encoder in range")
     checkpoint_every: int = Field(50, ge=1)
