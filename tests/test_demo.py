@@ -13,7 +13,6 @@ from sparsevar.backends.tiny.backend import DEMO_WEIGHTS, TinyBackend
 from sparsevar.backends.tiny.transformer import TextContext
 from sparsevar.config import SamplingConfig
 from sparsevar.demo import scenes
-from sparsevar.demo.scenes import HELD_OUT_SEED
 from sparsevar.demo.tokenizer import Encoder, quantize, stage_inputs
 from sparsevar.demo.train import demo_model, sequence_layout
 from sparsevar.demo.yardstick import ATTRIBUTES, SHIPPED, load_yardstick, pixels, requested
@@ -105,7 +104,7 @@ def test_shipped_weights_load_through_the_job_config_and_generate_deterministica
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="yardstick not shipped yet")
 def test_shipped_yardstick_recognises_real_scenes():
-    images, captions, _ = scenes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + 32), 128)
+    images, captions, _ = scenes.held_out(32, 128)
     assert load_yardstick().score(pixels(images), captions).mean() > 0.9
 
 

@@ -15,20 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sparsevar.backend import Backend
 from sparsevar.backends import build_backend
 from sparsevar.calibration import psnr_db
 from sparsevar.config import SparseVARConfig
-from sparsevar.demo.scenes import HELD_OUT_SEED, held_out_captions, scene_from_seed
-from sparsevar.demo.yardstick import load_yardstick, pixels
+from sparsevar.demo.scenes import held_out
+from sparsevar.demo.yardstick import Yardstick, load_yardstick, pixels
 from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate
 from workflows.config import ConfigError, load_config
-
-
-def held_out_requests(n: int) -> list[Request]:
-    return [Request(caption, seed=i) for i, caption in enumerate(held_out_captions(n))]
 
 
 def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, str, SparseVARConfig]]:
@@ -46,7 +41,7 @@ def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, st
     return rows
 
 
-def measure(backend: Backend, requests: list[Request], sv: SparseVARConfig, batch: int, yardstick,
+def measure(backend: Backend, requests: list[Request], sv: SparseVARConfig, batch: int, yardstick: Yardstick,
             dense: list[ImageResult] | None) -> tuple[dict[str, Any], list[ImageResult]]:
     batches = [requests[i:i + batch] for i in range(0, len(requests), batch)]
     generate(backend, batches[0], sv)  # warm-up
@@ -55,8 +50,7 @@ def measure(backend: Backend, requests: list[Request], sv: SparseVARConfig, batc
         out = generate(backend, chunk, sv)
         results += out
         per_image_ms.append(out[0].latency_ms / len(chunk))
-    images = torch.from_numpy(np.stack([r.pixels_HWC for r in results]))
-    scores = yardstick.score(pixels(images.numpy()), [r.prompt for r in requests])
+    scores = yardstick.score(pixels(np.stack([r.pixels_HWC for r in results])), [r.prompt for r in requests])
     first = first_sparse_stage(sv.model_copy(update={"enabled": True}))
     kept = [s.kept / s.tokens for r in results for s in r.stages if s.stage >= first]
     row = {
@@ -109,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     backend = build_backend(cfg.model, cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
-    requests = held_out_requests(args.prompts)
-    real = np.stack([_render(i) for i in range(args.prompts)])
-    truth = yardstick.score(pixels(real), [r.prompt for r in requests])
+    real, captions, _ = held_out(args.prompts, cfg.model.image_side)
+    requests = [Request(caption, seed=i) for i, caption in enumerate(captions)]
+    truth = yardstick.score(pixels(real), captions)
     reference = {"yardstick": float(truth.mean()), "all_found": float((truth == 1).float().mean())}
     wanted = set(args.only.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,12 +134,6 @@ def write_grid(out: Path, images: list[np.ndarray], prompts: list[str]) -> None:
     rows = [np.concatenate(images[i:i + columns], axis=1) for i in range(0, len(images) - columns + 1, columns)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "samples.png")
     (out / "samples.txt").write_text("\n".join(prompts) + "\n")
-
-
-def _render(i: int) -> np.ndarray:
-    from sparsevar.demo.scenes import render
-
-    return render(scene_from_seed(HELD_OUT_SEED + i)[0], 128)
 
 
 if __name__ == "__main__":

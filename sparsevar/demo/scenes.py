@@ -153,3 +153,8 @@ def batch(seeds: range | list[int], size: int) -> tuple[np.ndarray, list[str], l
     """Rendered images (B, size, size, 3) uint8, captions and scenes of the given seeds."""
     scenes, captions = zip(*(scene_from_seed(s) for s in seeds), strict=True)
     return np.stack([render(s, size) for s in scenes]), list(captions), list(scenes)
+
+
+def held_out(n: int, size: int) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """The first n held-out scenes, rendered: what the tokenizer and the generated pictures are judged on."""
+    return batch(range(HELD_OUT_SEED, HELD_OUT_SEED + n), size)

@@ -59,20 +59,17 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(50, ge=1)
     held_out: int = Field(64, ge=1)
 
-    @property
-    def size(self) -> int:
-        return self.model.patch_sizes[-1] * 2**self.model.upsample
-
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two batches in [-1, 1], over all pixels."""
     return float(10 * torch.log10(4.0 / F.mse_loss(a, b).clamp_min(1e-12)))
 
 
-def _batches(cfg: TrainConfig, phase: int, batch: int, start: int) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+def _batches(cfg: TrainConfig, phase: int, batch: int, start: int
+             ) -> Iterator[tuple[int, np.ndarray, list[str], list[scenes.Scene]]]:
     for step in range(start, 10**12):
         first = (phase * 10**8 + step * batch) % HELD_OUT_SEED + cfg.seed * 7919
-        images, captions, found = scenes.batch(range(first, first + batch), cfg.size)
+        images, captions, found = scenes.batch(range(first, first + batch), cfg.model.image_side)
         yield step, images, captions, found
 
 
@@ -231,13 +228,9 @@ def train_yardstick(cfg: TrainConfig, out: Path) -> Yardstick:
     return yardstick.eval().requires_grad_(False)
 
 
-def held_out(cfg: TrainConfig) -> tuple[np.ndarray, list[str], list[scenes.Scene]]:
-    return scenes.batch(range(HELD_OUT_SEED, HELD_OUT_SEED + cfg.held_out), cfg.size)
-
-
 def tokenizer_psnr(cfg: TrainConfig, encoder: Encoder, decoder: Decoder) -> float:
     """Reconstruction PSNR over the held-out scenes."""
-    images, _, _ = held_out(cfg)
+    images, _, _ = scenes.held_out(cfg.held_out, cfg.model.image_side)
     x = pixels(images)
     with torch.no_grad():
         y = decoder(quantize(encoder(x), cfg.model.patch_sizes)[0])

@@ -57,8 +57,8 @@ class Yardstick(nn.Module):
     def score(self, x_BCHW: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per picture, the share of the prompt's named attributes the classifier finds: (B,) in [0, 1]."""
         found_BA = self(x_BCHW) > 0
-        return torch.tensor([found_BA[b, requested(p)].float().mean().item() if requested(p) else 1.0
-                             for b, p in enumerate(prompts)])
+        named = [requested(p) for p in prompts]
+        return torch.tensor([found_BA[b, idx].float().mean().item() if idx else 1.0 for b, idx in enumerate(named)])
 
 
 def load_yardstick(path: Path = SHIPPED) -> Yardstick:

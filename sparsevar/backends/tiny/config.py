@@ -29,6 +29,11 @@ class TinyConfig(StrictModel):
         None, description="state dict (.pt or .safetensors) to load instead, or `demo` for the shipped demo model"
     )
 
+    @property
+    def image_side(self) -> int:
+        """Side in pixels of a square picture: the last token map, upsampled."""
+        return self.patch_sizes[-1] * 2**self.upsample
+
     @field_validator("patch_sizes")
     @classmethod
     def _increasing(cls, sizes: list[int]) -> list[int]:
