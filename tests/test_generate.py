@@ -118,3 +118,18 @@ def test_non_square_aspect_ratio_and_guidance_off(backend):
     b = build_backend(SMALL, SamplingConfig(cfg=1.0), "cpu")
     result = generate(b, [Request("wide", 5, h_div_w=0.5)], SPARSE)[0]
     assert result.pixels_HWC.shape == (22, 46, 3)
+
+
+def test_random_selection_baseline_is_seeded_and_replaces_the_frequency_scores(backend):
+    from sparsevar.generate import random_scores
+
+    scores = random_scores(REQUESTS[:2], 16, stage=7, device=torch.device("cpu"))
+    assert sorted(scores[0].tolist()) == [i / 15 for i in range(16)]  # uniform ranks per image
+    assert torch.equal(scores, random_scores(REQUESTS[:2], 16, stage=7, device=torch.device("cpu")))
+    assert not torch.equal(scores[0], scores[1])
+    assert not torch.equal(scores, random_scores(REQUESTS[:2], 16, stage=8, device=torch.device("cpu")))
+    sv = SPARSE.model_copy(update={"normalize": "quantile"})
+    random = sv.model_copy(update={"selection": "random"})
+    first, again = generate(backend, REQUESTS[:2], random), generate(backend, REQUESTS[:2], random)
+    assert pixels(first) == pixels(again)
+    assert pixels(first) != pixels(generate(backend, REQUESTS[:2], sv))
