@@ -14,7 +14,7 @@ from sparsevar.backends.tiny.transformer import TextContext
 from sparsevar.config import SamplingConfig
 from sparsevar.demo import scenes
 from sparsevar.demo.tokenizer import Encoder, quantize, stage_inputs
-from sparsevar.demo.train import demo_model, sequence_layout
+from sparsevar.demo.train import TrainConfig, _batches, demo_model, sequence_layout
 from sparsevar.demo.yardstick import ATTRIBUTES, SHIPPED, load_yardstick, pixels, requested
 from sparsevar.generate import Request, generate
 from workflows import train_demo
@@ -120,6 +120,30 @@ def test_train_demo_runs_every_phase_and_resumes(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in logged] == [
         ("tokenizer", 1), ("decoder", 1), ("transformer", 1), ("yardstick", 1), ("tokenizer", 2)]
+
+
+def test_rendering_pool_yields_the_same_batches_in_order():
+    """A GPU run renders scenes in worker processes: resuming on another machine must see the same data."""
+    cfg = TrainConfig(model=demo_model().model_copy(update={"patch_sizes": [1, 2, 4], "upsample": 2}))
+    in_loop = list(_batches(cfg, 2, 3, range(5, 9), workers=0))
+    pooled = list(_batches(cfg, 2, 3, range(5, 9), workers=2))
+    assert [b[0] for b in pooled] == [5, 6, 7, 8]
+    for (step, images, captions, _), (step2, images2, captions2, _) in zip(in_loop, pooled, strict=True):
+        assert step == step2 and captions == captions2 and np.array_equal(images, images2)
+    assert in_loop[0][2] != in_loop[1][2]
+
+
+def test_train_demo_recipe_overrides_and_rejects_unknown_fields(tmp_path, capsys):
+    recipe = json.dumps({"transformer": {"batch": 3, "steps": 0}, "checkpoint_every": 7})
+    assert train_demo.main(["--out", str(tmp_path), "--phases", "yardstick", "--recipe", recipe,
+                            "--steps", '{"yardstick": 0}']) == 0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["transformer"] == {"steps": 0, "batch": 3, "lr": 0.002} and saved["checkpoint_every"] == 7
+    for bad in ('{"transformr": {"steps": 1}}', '{"transformer": {"batch": 0}}'):
+        with pytest.raises(SystemExit) as exc:
+            train_demo.main(["--out", str(tmp_path), "--recipe", bad])
+        assert exc.value.code == 2
+    assert "transformr" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not shipped yet")

@@ -8,13 +8,17 @@ trained), DIR/yardstick.safetensors, DIR/log.jsonl and DIR/summary.json. Ship th
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
+from sparsevar.backends import resolve_device
 from sparsevar.demo.train import (
+    Runtime,
     TrainConfig,
     finetune_decoder,
     tokenizer_psnr,
@@ -36,12 +40,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="phases to run now, comma-separated; later phases need the earlier ones' files")
     parser.add_argument("--steps", type=json.loads, default={},
                         help='steps per phase, e.g. \'{"tokenizer": 10, "transformer": 10}\' for a smoke run')
+    parser.add_argument("--recipe", type=json.loads, default={},
+                        help='other TrainConfig fields, e.g. \'{"transformer": {"batch": 64, "steps": 3000}}\'')
     parser.add_argument("--held-out", type=int, default=64, help="held-out scenes for the tokenizer's PSNR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="processes rendering scenes ahead of training (default: all cores but one on a GPU, "
+                        "none on the CPU, where they would take the training's cores)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed, held_out=args.held_out)
+    device, _ = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32: these small models train as well and faster
+    workers = args.workers if args.workers >= 0 else (max(1, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0)
+    rt = Runtime(device, workers)
+    recipe = TrainConfig(seed=args.seed, held_out=args.held_out).model_dump()
+    unknown = set(args.recipe) - set(recipe)
+    if unknown:
+        parser.error(f"--recipe: unknown fields {sorted(unknown)}; TrainConfig has {sorted(recipe)}")
+    for key, value in args.recipe.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
+    try:
+        cfg = TrainConfig(**recipe)
+    except ValidationError as exc:
+        parser.error(f"--recipe: {exc}")
     cfg = cfg.model_copy(update={k: getattr(cfg, k).model_copy(update={"steps": v}) for k, v in args.steps.items()})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -50,20 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if {"tokenizer", "decoder", "transformer"} & set(phases):
-        encoder, decoder = train_tokenizer(cfg, args.out)
+        encoder, decoder = train_tokenizer(cfg, args.out, rt)
         summary["tokenizer_psnr_db"] = round(tokenizer_psnr(cfg, encoder, decoder), 2)
         if "decoder" in phases or (args.out / "decoder.pt").exists():
-            decoder = finetune_decoder(cfg, args.out, encoder, decoder)
+            decoder = finetune_decoder(cfg, args.out, rt, encoder, decoder)
             summary["decoder_psnr_db"] = round(tokenizer_psnr(cfg, encoder, decoder), 2)
         print(f"tokenizer: held-out PSNR {summary.get('decoder_psnr_db', summary['tokenizer_psnr_db'])} dB")
     if "transformer" in phases or ("decoder" in phases and trained_steps(args.out / "transformer.pt")
                                    >= cfg.transformer.steps):
-        model = train_transformer(cfg, args.out, encoder, decoder)
+        model = train_transformer(cfg, args.out, rt, encoder, decoder)
         model.decoder.load_state_dict(decoder.state_dict())
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out / "demo.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, args.out / "demo.safetensors")
     if "yardstick" in phases:
-        yardstick = train_yardstick(cfg, args.out)
-        save_file(yardstick.state_dict(), args.out / "yardstick.safetensors")
+        yardstick = train_yardstick(cfg, args.out, rt)
+        save_file({k: v.cpu() for k, v in yardstick.state_dict().items()}, args.out / "yardstick.safetensors")
     summary[f"seconds_{'+'.join(phases)}"] = round(time.time() - began, 1)
     summary_path.write_text(json.dumps(summary, indent=2))
     return 0

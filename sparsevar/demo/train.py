@@ -10,8 +10,12 @@ exactly as if it had never stopped. Held-out scenes use seeds no training batch 
 import copy
 import json
 import math
+import multiprocessing
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +64,41 @@ class TrainConfig(StrictModel):
     held_out: int = Field(64, ge=1)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where training runs: not part of the recipe (a run may resume on another device)."""
+
+    device: torch.device = torch.device("cpu")
+    workers: int = 0  # processes rendering scenes ahead of the training step; 0 renders in the loop
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two batches in [-1, 1], over all pixels."""
     return float(10 * torch.log10(4.0 / F.mse_loss(a, b).clamp_min(1e-12)))
 
 
-def _batches(cfg: TrainConfig, phase: int, batch: int, start: int
+def _batches(cfg: TrainConfig, phase: int, batch: int, steps: range, workers: int
              ) -> Iterator[tuple[int, np.ndarray, list[str], list[scenes.Scene]]]:
-    for step in range(start, 10**12):
+    """Each step's scenes; with workers, rendered by a process pool a few steps ahead (a GPU step is faster
+    than rendering its batch on one core)."""
+
+    def seeds(step: int) -> range:
         first = (phase * 10**8 + step * batch) % HELD_OUT_SEED + cfg.seed * 7919
-        images, captions, found = scenes.batch(range(first, first + batch), cfg.model.image_side)
-        yield step, images, captions, found
+        return range(first, first + batch)
+
+    if workers == 0:
+        for step in steps:
+            yield step, *scenes.batch(seeds(step), cfg.model.image_side)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for step in steps:
+            pending.append((step, pool.submit(scenes.batch, seeds(step), cfg.model.image_side)))
+            if len(pending) > 2 * workers:
+                done, future = pending.popleft()
+                yield done, *future.result()
+        for done, future in pending:
+            yield done, *future.result()
 
 
 def _lr(phase: Phase, step: int) -> float:
@@ -105,7 +133,8 @@ class Checkpoint:
         tmp.replace(self.path)
 
 
-def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, modules, params, step_fn) -> None:
+def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: Runtime, modules, params, step_fn
+         ) -> None:
     """The shared loop of every phase: resume, step, log, checkpoint."""
     optimizer = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.0)
     checkpoint = Checkpoint(out / f"{name}.pt", modules, optimizer)
@@ -115,9 +144,7 @@ def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, modul
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=phase.steps, initial=start, desc=name, dynamic_ncols=True, mininterval=5)
     began = time.time()
-    for step, images, captions, found in _batches(cfg, index, phase.batch, start):
-        if step >= phase.steps:
-            break
+    for step, images, captions, found in _batches(cfg, index, phase.batch, range(start, phase.steps), rt.workers):
         for group in optimizer.param_groups:
             group["lr"] = _lr(phase, step)
         loss, figures = step_fn(images, captions, found)
@@ -137,42 +164,44 @@ def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, modul
     log.close()
 
 
-def train_tokenizer(cfg: TrainConfig, out: Path) -> tuple[Encoder, Decoder]:
+def train_tokenizer(cfg: TrainConfig, out: Path, rt: Runtime) -> tuple[Encoder, Decoder]:
     m = cfg.model
     torch.manual_seed(cfg.seed)
     encoder, decoder = Encoder(m.bits, m.decoder_channels, m.upsample), Decoder(m.bits, m.decoder_channels, m.upsample)
+    encoder, decoder = encoder.to(rt.device), decoder.to(rt.device)
     params = [*encoder.parameters(), *decoder.parameters()]
 
     def step(images, captions, found):
-        x = pixels(images)
+        x = pixels(images).to(rt.device)
         f = encoder(x)
         f_hat, _ = quantize(f, m.patch_sizes)
         y = decoder(f_hat)
         loss = F.mse_loss(y, x) + cfg.commitment * F.mse_loss(f, f_hat.detach())
         return loss, {"psnr": psnr(y.detach(), x)}
 
-    _run("tokenizer", cfg, cfg.tokenizer, 1, out, {"encoder": encoder, "decoder": decoder}, params, step)
+    _run("tokenizer", cfg, cfg.tokenizer, 1, out, rt, {"encoder": encoder, "decoder": decoder}, params, step)
     return encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
 
 
-def finetune_decoder(cfg: TrainConfig, out: Path, encoder: Encoder, decoder: Decoder) -> Decoder:
+def finetune_decoder(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder, decoder: Decoder) -> Decoder:
     decoder = copy.deepcopy(decoder).train().requires_grad_(True)
 
     def step(images, captions, found):
-        x = pixels(images)
+        x = pixels(images).to(rt.device)
         with torch.no_grad():
             f_hat, _ = quantize(encoder(x), cfg.model.patch_sizes)
         y = decoder(f_hat)
         return F.mse_loss(y, x), {"psnr": psnr(y.detach(), x)}
 
-    _run("decoder", cfg, cfg.decoder, 4, out, {"decoder": decoder}, list(decoder.parameters()), step)
+    _run("decoder", cfg, cfg.decoder, 4, out, rt, {"decoder": decoder}, list(decoder.parameters()), step)
     return decoder.eval().requires_grad_(False)
 
 
 def teacher_batch(encoder: Encoder, cfg: TinyConfig, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced stage inputs (B, L-1, bits) and target bits (B, L, bits) of a batch of pictures."""
+    device = next(encoder.parameters()).device
     with torch.no_grad():
-        _, codes = quantize(encoder(pixels(images)), cfg.patch_sizes)
+        _, codes = quantize(encoder(pixels(images).to(device)), cfg.patch_sizes)
     targets_BLb = torch.cat([c.flatten(2).transpose(1, 2) for c in codes], dim=1) > 0
     return stage_inputs(codes, cfg.patch_sizes), targets_BLb.long()
 
@@ -185,22 +214,22 @@ def sequence_layout(cfg: TinyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return rope, stage_ids
 
 
-def train_transformer(cfg: TrainConfig, out: Path, encoder: Encoder, decoder: Decoder) -> TinyModel:
+def train_transformer(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder, decoder: Decoder) -> TinyModel:
     m = cfg.model
     torch.manual_seed(cfg.seed + 1)
-    model = TinyModel(m)
+    model = TinyModel(m).to(rt.device)
     model.decoder.load_state_dict(decoder.state_dict())
     model.decoder.requires_grad_(False)
     tokenizer = ByteTokenizer(m.max_text_tokens)
-    rope, stage_ids = sequence_layout(m)
+    rope, stage_ids = (t.to(rt.device) for t in sequence_layout(m))
     dropout = torch.Generator().manual_seed(cfg.seed + 2)
     params = [p for name, p in model.named_parameters() if not name.startswith("decoder.")]
 
     def step(images, captions, found):
         inputs, targets = teacher_batch(encoder, m, images)
-        ids, mask = tokenizer(captions, "cpu")
+        ids, mask = tokenizer(captions, rt.device)
         text = model.text_encoder(ids, mask)
-        drop = torch.rand(len(captions), generator=dropout) < cfg.cfg_dropout
+        drop = (torch.rand(len(captions), generator=dropout) < cfg.cfg_dropout).to(rt.device)
         text = torch.where(drop[:, None, None], model.cfg_uncond[: ids.shape[1]].expand_as(text), text)
         cond = model.transformer.condition(text, mask)
         context = TextContext([b.cross.text_kv(text) for b in model.transformer.blocks], mask[:, None, None, :])
@@ -210,28 +239,28 @@ def train_transformer(cfg: TrainConfig, out: Path, encoder: Encoder, decoder: De
         accuracy = (logits.detach().unflatten(-1, (-1, 2)).argmax(-1) == targets)[:, last:].float().mean()
         return loss, {"bit_acc_last": float(accuracy)}
 
-    _run("transformer", cfg, cfg.transformer, 2, out, {"model": model}, params, step)
+    _run("transformer", cfg, cfg.transformer, 2, out, rt, {"model": model}, params, step)
     return model.eval().requires_grad_(False)
 
 
-def train_yardstick(cfg: TrainConfig, out: Path) -> Yardstick:
+def train_yardstick(cfg: TrainConfig, out: Path, rt: Runtime) -> Yardstick:
     torch.manual_seed(cfg.seed + 3)
-    yardstick = Yardstick()
+    yardstick = Yardstick().to(rt.device)
 
     def step(images, captions, found):
-        logits = yardstick(pixels(images))
-        labels = torch.stack([scene_labels(s) for s in found])
+        logits = yardstick(pixels(images).to(rt.device))
+        labels = torch.stack([scene_labels(s) for s in found]).to(rt.device)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         return loss, {"acc": float(((logits > 0) == (labels > 0.5)).float().mean())}
 
-    _run("yardstick", cfg, cfg.yardstick, 3, out, {"yardstick": yardstick}, list(yardstick.parameters()), step)
+    _run("yardstick", cfg, cfg.yardstick, 3, out, rt, {"yardstick": yardstick}, list(yardstick.parameters()), step)
     return yardstick.eval().requires_grad_(False)
 
 
 def tokenizer_psnr(cfg: TrainConfig, encoder: Encoder, decoder: Decoder) -> float:
     """Reconstruction PSNR over the held-out scenes."""
     images, _, _ = scenes.held_out(cfg.held_out, cfg.model.image_side)
-    x = pixels(images)
+    x = pixels(images).to(next(encoder.parameters()).device)
     with torch.no_grad():
         y = decoder(quantize(encoder(x), cfg.model.patch_sizes)[0])
     y = ((y + 1) * 127.5).round() / 127.5 - 1  # as the backend writes it: 8-bit
