@@ -210,6 +210,30 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     assert "no closing quote" in bad_json["error"], "the message quotes the line"
 
 
+def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_overrides, tmp_path, capsys):
+    """A row that failed in generation (here: its file could not be written) is generated again by the next run,
+    which replaces its error row: the metadata ends with one row per image, the input error still reported once."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "a red circle", "seed": 1}\n'
+                       '{"id": "b", "prompt": "a blue square", "seed": 2}\n'
+                       '{"id": "empty", "prompt": "", "seed": 3}\n')
+    output = tmp_path / "out"
+    (output / "images" / "b-s2.png").mkdir(parents=True)  # a folder where the image must go
+    assert run_job(prompts, output, fast_overrides) == EXIT_ROWS_FAILED
+    first = {r["prompt_id"]: r for r in read_metadata(str(output)).to_pylist()}
+    assert first["a"]["status"] == "ok" and first["b"]["status"] == "error" and first["empty"]["status"] == "error"
+    (output / "images" / "b-s2.png").rmdir()
+    capsys.readouterr()
+    assert run_job(prompts, output, fast_overrides) == EXIT_OK
+    assert "images written: 1" in capsys.readouterr().out  # b only: a is done, the input error was reported
+    rows = rows_by_id(output)  # asserts one row per prompt id
+    assert rows.keys() == {"a", "b", "empty"}
+    assert_ok_row(rows["b"], output)
+    assert rows["a"]["image_sha256"] == first["a"]["image_sha256"] and rows["empty"]["status"] == "error"
+    index = (output / "images" / IMAGEFOLDER_METADATA).read_text().splitlines()
+    assert sorted(json.loads(line)["file_name"] for line in index) == ["a-s1.png", "b-s2.png"]
+
+
 @pytest.mark.parametrize(
     ("argv_tail", "named"),
     [

@@ -17,6 +17,7 @@ from workflows.resume import (
     mark_duplicates,
     pending,
     plan_shards,
+    unrecord_images,
     unrecord_shards,
 )
 
@@ -54,13 +55,26 @@ def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
     (tmp_path / "metadata" / "cut-off.parquet").write_bytes(b"PAR1 truncated")
     done, recorded = completed_keys(str(tmp_path))
     assert done == {("a", 1)}
-    assert recorded == {("a", 1), ("b", 1), ("c", 1)}
+    run1 = str(tmp_path / "metadata" / "run1.parquet")
+    assert recorded == {("a", 1): {run1}, ("b", 1): {run1}, ("c", 1): {run1}}
     assert (tmp_path / "metadata" / "_unreadable" / "cut-off.parquet").exists()
-    todo = pending(prompts(("a", 1, None), ("b", 1, None), ("c", 1, None), ("c", 1, "bad seed"), ("d", 1, "x")),
-                   done, recorded)
-    # b and c are generated again; c's input error was already recorded; d's was not
+    todo, unrecord = pending(prompts(("a", 1, None), ("b", 1, None), ("c", 1, None), ("c", 1, "bad seed"),
+                                     ("d", 1, "x"), ("e", 1, None)), done, recorded)
+    # b and c are generated again, their earlier rows taken out first, and the input error that shares c's key
+    # is reported again with it; d's input error was never recorded; e is new
     assert list(zip(todo["prompt_id"].to_pylist(), todo["error"].to_pylist(), strict=True)) == [
-        ("b", None), ("c", None), ("d", "x")]
+        ("b", None), ("c", None), ("c", "bad seed"), ("d", "x"), ("e", None)]
+    assert unrecord == {run1: {("b", 1), ("c", 1)}}
+    assert unrecord_images(str(tmp_path), unrecord) == 2
+    assert pq.read_table(run1)["prompt_id"].to_pylist() == ["a"]
+
+
+def test_an_input_error_already_recorded_is_not_reported_again(tmp_path):
+    (tmp_path / "metadata").mkdir()
+    pq.write_table(metadata_table([{"prompt_id": "x", "prompt": "", "seed": 3, "model": "tiny", "status": "error",
+                                    "error": "empty prompt"}]), tmp_path / "metadata" / "run1.parquet")
+    todo, unrecord = pending(prompts(("x", 3, "empty prompt")), *completed_keys(str(tmp_path)))
+    assert todo.num_rows == 0 and unrecord == {}
 
 
 # --- webdataset: whole shards --------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from workflows.resume import (
     mark_duplicates,
     pending,
     plan_shards,
+    unrecord_images,
     unrecord_shards,
 )
 from workflows.run_record import write_run_json
@@ -102,7 +103,7 @@ def connect_ray() -> None:
 class Plan:
     todo: pa.Table  # rows to generate (webdataset: whole shards, with `shard` and `shard_rows`)
     skipped: int  # rows the output already holds
-    unrecord: dict[str, set[str]]  # webdataset: metadata file -> shards whose rows to take out before generating
+    unrecord: dict[str, set]  # metadata file -> shards (webdataset) or (prompt_id, seed) whose rows to take out first
 
 
 def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> Summary:
@@ -126,7 +127,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> 
         raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
                           "access)") from None
     if job.unrecord:
-        unrecord_shards(output, job.unrecord, endpoint)
+        (unrecord_shards if cfg.output.format == "webdataset" else unrecord_images)(output, job.unrecord, endpoint)
     started = time.perf_counter()
     if job.todo.num_rows:
         generate_dataset(cfg, job.todo, output).write_parquet(
@@ -168,8 +169,8 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> Plan:
         done, recorded = completed_keys(output, cfg.storage.endpoint_url)
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
-    todo = pending(table, done, recorded)
-    return Plan(todo, table.num_rows - todo.num_rows, {})
+    todo, unrecord = pending(table, done, recorded)
+    return Plan(todo, table.num_rows - todo.num_rows, unrecord)
 
 
 def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:

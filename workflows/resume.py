@@ -2,7 +2,9 @@
 
 The metadata under `{output}/metadata` is the single record of what is done. In the `files` layout a
 (prompt_id, seed) with an `ok` row whose image exists is skipped, so a crashed, pre-empted or repeated job
-continues where it stopped and never writes an image, or its row, twice.
+continues where it stopped and never writes an image, or its row, twice. Any other recorded image (its
+generation failed, or its file is gone) is generated again after its rows are taken out of the metadata, so
+the metadata holds one outcome per image.
 
 In the `webdataset` layout the unit is the shard: row i of the full list of images (prompts expanded by
 `images_per_prompt`, after `--limit`) belongs to shard i // shard_size, fixed on the driver. A shard is done
@@ -15,7 +17,7 @@ import logging
 import posixpath
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,9 +91,10 @@ def _layout_error(output: str, found: str, wanted: str) -> ConfigError:
                        f"{wanted}: set output.format: {found} to continue it, or write to a new output")
 
 
-def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Key], set[Key]]:
+def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Key], dict[Key, set[str]]]:
     """(prompt_id, seed) of every `ok` row in the output's metadata whose image is still there, and of every
-    row at all (so a malformed input row is reported once, not once per run). `files` layout only.
+    row at all with the metadata files that hold it (so a malformed input row is reported once, not once per
+    run, and a retried image's earlier rows can be taken out). `files` layout only.
 
     A metadata file that cannot be read is quarantined (see recorded_tables); its images are regenerated, byte for
     byte, by this run.
@@ -100,11 +103,12 @@ def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Ke
     images = {posixpath.basename(i.path) for i in filesystem.get_file_info(
         fs.FileSelector(join(root, "images"), recursive=True, allow_not_found=True)) if i.type == fs.FileType.File}
     done: set[Key] = set()
-    recorded: set[Key] = set()
-    for _, table in recorded_tables(output, endpoint_url, ["prompt_id", "seed", "status", "image_uri", "shard"]):
+    recorded: dict[Key, set[str]] = {}
+    for path, table in recorded_tables(output, endpoint_url, ["prompt_id", "seed", "status", "image_uri", "shard"]):
         if table["shard"].null_count < table.num_rows:
             raise _layout_error(output, "webdataset", "files")
-        recorded.update(zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True))
+        for key in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True):
+            recorded.setdefault(key, set()).add(path)
         ok = table.filter(pc.equal(table["status"], "ok"))
         for pid, seed, uri in zip(ok["prompt_id"].to_pylist(), ok["seed"].to_pylist(), ok["image_uri"].to_pylist(),
                                   strict=True):
@@ -113,13 +117,25 @@ def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Ke
     return done, recorded
 
 
-def pending(prompts: pa.Table, done: set[tuple[str, int]], recorded: set[tuple[str, int]]) -> pa.Table:
-    """The rows still to generate or report: valid rows without an ok image, input errors not yet recorded."""
+def pending(prompts: pa.Table, done: set[Key], recorded: dict[Key, set[str]]) -> tuple[pa.Table, dict[str, set[Key]]]:
+    """The rows still to generate or report, and the metadata rows to take out first (file -> keys).
+
+    Valid rows without an ok image are generated; an image recorded before (failed, or its file gone) has every
+    row of its key taken out, and an input error sharing that key is reported again with it. Other input errors
+    are reported once."""
     if not recorded:
-        return prompts
-    keep = [(pid, seed) not in (done if error is None else recorded) for pid, seed, error in zip(
-        prompts["prompt_id"].to_pylist(), prompts["seed"].to_pylist(), prompts["error"].to_pylist(), strict=True)]
-    return prompts.filter(pa.array(keep, pa.bool_()))
+        return prompts, {}
+    keys = list(zip(prompts["prompt_id"].to_pylist(), prompts["seed"].to_pylist(), strict=True))
+    errors = prompts["error"].to_pylist()
+    retried = {key for key, error in zip(keys, errors, strict=True) if error is None and key in recorded
+               and key not in done}
+    keep = [key not in done if error is None else (key not in recorded or key in retried)
+            for key, error in zip(keys, errors, strict=True)]
+    unrecord: dict[str, set[Key]] = {}
+    for key in retried:
+        for path in recorded[key]:
+            unrecord.setdefault(path, set()).add(key)
+    return prompts.filter(pa.array(keep, pa.bool_())), unrecord
 
 
 def assign_shards(prompts: pa.Table, shard_size: int) -> pa.Table:
@@ -176,19 +192,32 @@ def plan_shards(prompts: pa.Table, output: str, endpoint_url: str | None = None)
 
 
 def unrecord_shards(output: str, unrecord: dict[str, set[str]], endpoint_url: str | None = None) -> int:
-    """Take the rows of the given shards out of the given metadata files, each file replaced in one step (written
-    beside it under a hidden name, then renamed; on S3 one PUT over it), or deleted when nothing is left. A crash
-    between two files leaves rows of shards that will be generated again anyway. Returns the rows taken out."""
+    """Take the rows of the given shards (file -> shard names) out of the metadata; see _take_out."""
+    return _take_out(output, unrecord, endpoint_url, lambda table: [
+        shard_of(uri) if uri is not None else None for uri in table["shard"].to_pylist()])
+
+
+def unrecord_images(output: str, unrecord: dict[str, set[Key]], endpoint_url: str | None = None) -> int:
+    """Take the rows of the given (prompt_id, seed) (file -> keys) out of the metadata; see _take_out."""
+    return _take_out(output, unrecord, endpoint_url, lambda table: list(
+        zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True)))
+
+
+def _take_out(output: str, unrecord: dict[str, set], endpoint_url: str | None,
+              keys_of: Callable[[pa.Table], list[Hashable]]) -> int:
+    """Take the rows whose key is listed for their file out of the given metadata files, each file replaced in one
+    step (written beside it under a hidden name, then renamed; on S3 one PUT over it), or deleted when nothing is
+    left. A crash between two files leaves rows whose images will be generated again anyway. Returns the rows
+    taken out."""
     filesystem, _ = resolve(output, endpoint_url)
     local = isinstance(filesystem, fs.LocalFileSystem)
     removed = 0
     for path, names in sorted(unrecord.items()):
         table = pq.read_table(path, filesystem=filesystem)
-        shards = [shard_of(uri) if uri is not None else None for uri in table["shard"].to_pylist()]
-        keep = pa.array([name not in names for name in shards], pa.bool_())
+        keep = pa.array([key not in names for key in keys_of(table)], pa.bool_())
         kept = table.filter(keep)
         removed += table.num_rows - kept.num_rows
-        log.info("taking %d rows of shards to redo out of %s", table.num_rows - kept.num_rows, path)
+        log.info("taking %d rows of images to redo out of %s", table.num_rows - kept.num_rows, path)
         if kept.num_rows == 0:
             filesystem.delete_file(path)
         elif local:
