@@ -56,6 +56,8 @@ class ImageResult:
     stages: list[StageStats]
     latency_ms: float  # wall time of the batch that made the image
     tokens: list[torch.Tensor] | None = None  # per stage, the (h*w, C) residual tokens, when asked for
+    text_ms: float = 0.0  # of the batch's latency: text encoding and set-up before stage 1
+    decode_ms: float = 0.0  # of the batch's latency: decoding the final map into pixels
 
 
 def _synchronize(device: torch.device) -> None:
@@ -138,13 +140,14 @@ def generate(
 
     _synchronize(device)
     t_batch = time.perf_counter()
+    clock = _StageClock(device)
+    clock.mark()
     state = backend.begin([r.prompt for r in requests], [r.negative_prompt for r in requests], requests[0].h_div_w)
     branches = backend.branches(state)
     score_Bhw: torch.Tensor | None = None
     kept: list[tuple[int, ...]] = []  # per stage, per image
     overhead_ms: list[float] = []
     tokens: list[list[torch.Tensor]] = [[] for _ in requests]
-    clock = _StageClock(device)
     clock.mark()
     for stage, (h, w) in enumerate(schedule, start=1):
         sparse_work = _Stopwatch(device, profile)
@@ -195,10 +198,12 @@ def generate(
         overhead_ms.append(sparse_work.ms)
 
     pixels_BHWC = backend.decode(state)
+    clock.mark()
     _synchronize(device)
     batch_ms = (time.perf_counter() - t_batch) * 1e3
+    text_ms, *stage_ms, decode_ms = clock.intervals_ms()
     stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1])
-              for stage, ((h, w), ms) in enumerate(zip(schedule, clock.intervals_ms(), strict=True), start=1)]
+              for stage, ((h, w), ms) in enumerate(zip(schedule, stage_ms, strict=True), start=1)]
              for i in range(B)]
-    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None)
+    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None, text_ms, decode_ms)
             for i in range(B)]

@@ -58,6 +58,8 @@ def measure(backend: Backend, batch: list[Request], sv: SparseVARConfig, repeats
             flops_ratio(img.stages, backend.block_params, backend.dim, backend.depth) for img in runs[0]),
         "kept_ratio": sum(s.kept for s in late) / sum(s.tokens for s in late) if late else 1.0,
         "sparsevar_overhead_ms": sum(s["overhead_ms"] for s in stages),
+        "text_ms": statistics.median(run[0].text_ms for run in runs) / B,  # outside the stages, per image
+        "decode_ms": statistics.median(run[0].decode_ms for run in runs) / B,
         "yardstick": judge([img.pixels_HWC for img in runs[0]], [r.prompt for r in batch]) if judge else None,
         "stages": stages,
     }

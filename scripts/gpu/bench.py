@@ -100,6 +100,8 @@ def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) ->
               for i, s in enumerate(images[0].stages)]  # per image
     return {
         "latency_ms": statistics.median(run[0].latency_ms for run in results) / batch,
+        "text_ms": statistics.median(run[0].text_ms for run in results) / batch,
+        "decode_ms": statistics.median(run[0].decode_ms for run in results) / batch,
         "flops_ratio": statistics.mean(flops_ratio(img.stages, backend.block_params, backend.dim, backend.depth)
                                        for img in images),
         "kept_ratio": sum(s.kept for s in late) / sum(s.tokens for s in late) if late else 1.0,
@@ -114,11 +116,12 @@ def setting(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | setting | ms/image | speed-up | FLOPs ratio | efficiency | kept (≥P) "
-             "| overhead ms/image | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | setting | ms/image | text ms | decode ms | speed-up | FLOPs ratio | efficiency "
+             "| kept (≥P) | overhead ms/image | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {r['model']} | {r['batch']} | {setting(r)} | {r['latency_ms']:.1f} | {r['speedup']:.2f} "
+        lines.append(f"| {r['model']} | {r['batch']} | {setting(r)} | {r['latency_ms']:.1f} | {r['text_ms']:.1f} "
+                     f"| {r['decode_ms']:.1f} | {r['speedup']:.2f} "
                      f"| {r['flops_ratio']:.2f} | {r['efficiency']:.2f} | {r['kept_ratio']:.3f} "
                      f"| {r['overhead_ms']:.2f} | {peak} |")
     return "\n".join(lines)
