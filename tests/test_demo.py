@@ -133,17 +133,21 @@ def test_rendering_pool_yields_the_same_batches_in_order():
     assert in_loop[0][2] != in_loop[1][2]
 
 
-def test_train_demo_recipe_overrides_and_rejects_unknown_fields(tmp_path, capsys):
-    recipe = json.dumps({"transformer": {"batch": 3, "steps": 0}, "checkpoint_every": 7})
-    assert train_demo.main(["--out", str(tmp_path), "--phases", "yardstick", "--recipe", recipe,
-                            "--steps", '{"yardstick": 0}']) == 0
+def test_train_demo_recipe_overrides_persist_and_bad_ones_are_refused(tmp_path, capsys):
+    recipe = json.dumps({"transformer": {"batch": 3, "steps": 5}, "checkpoint_every": 7})
+    quick = ["--out", str(tmp_path), "--phases", "yardstick"]
+    assert train_demo.main([*quick, "--recipe", recipe, "--steps", '{"transformer": 4, "yardstick": 0}']) == 0
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["transformer"] == {"steps": 0, "batch": 3, "lr": 0.002} and saved["checkpoint_every"] == 7
-    for bad in ('{"transformr": {"steps": 1}}', '{"transformer": {"batch": 0}}'):
+    assert saved["transformer"] == {"steps": 4, "batch": 3, "lr": 0.002} and saved["checkpoint_every"] == 7
+    assert train_demo.main(quick) == 0  # a resume without --recipe keeps the recipe DIR was started with
+    assert json.loads((tmp_path / "config.json").read_text()) == saved
+    for bad, named in (('{"transformr": {"steps": 1}}', "transformr"), ('{"transformer": {"batch": 0}}', "batch"),
+                       ('{"seed": {"x": 1}}', "seed takes a value"), ('["seed"]', "JSON object"),
+                       ('{"transformer": 5}', "transformer takes an object")):
         with pytest.raises(SystemExit) as exc:
             train_demo.main(["--out", str(tmp_path), "--recipe", bad])
         assert exc.value.code == 2
-    assert "transformr" in capsys.readouterr().err
+        assert named in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not shipped yet")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from sparsevar.backends import resolve_device
@@ -32,17 +31,36 @@ def trained_steps(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if checkpoint.exists() else 0
 
 
+def recipe(saved: Path, overrides: object, steps: object, seed: int | None, held_out: int | None) -> TrainConfig:
+    """The run's recipe: the one DIR was trained with (DIR/config.json) or the defaults, with the command line's
+    changes on top, so that resuming without repeating --recipe continues the same schedule."""
+    base = TrainConfig.model_validate_json(saved.read_text()) if saved.exists() else TrainConfig()
+    fields = base.model_dump()
+    if not isinstance(overrides, dict) or not isinstance(steps, dict):
+        raise ValueError("--recipe and --steps take a JSON object, e.g. '{\"transformer\": {\"batch\": 64}}'")
+    changes = [*overrides.items(), *((k, {"steps": v}) for k, v in steps.items()),
+               *((k, v) for k, v in (("seed", seed), ("held_out", held_out)) if v is not None)]
+    for key, value in changes:
+        if key not in fields:
+            raise ValueError(f"--recipe/--steps: unknown field {key!r}; the recipe has {sorted(fields)}")
+        if isinstance(fields[key], dict) != isinstance(value, dict):
+            raise ValueError(f"--recipe: {key} takes {'an object' if isinstance(fields[key], dict) else 'a value'}, "
+                             f"not {value!r}")
+        fields[key] = {**fields[key], **value} if isinstance(value, dict) else value
+    return TrainConfig(**fields)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, logs and weights")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="the recipe's seed (default 0)")
     parser.add_argument("--phases", default="tokenizer,decoder,transformer,yardstick",
                         help="phases to run now, comma-separated; later phases need the earlier ones' files")
     parser.add_argument("--steps", type=json.loads, default={},
                         help='steps per phase, e.g. \'{"tokenizer": 10, "transformer": 10}\' for a smoke run')
     parser.add_argument("--recipe", type=json.loads, default={},
                         help='other TrainConfig fields, e.g. \'{"transformer": {"batch": 64, "steps": 3000}}\'')
-    parser.add_argument("--held-out", type=int, default=64, help="held-out scenes for the tokenizer's PSNR")
+    parser.add_argument("--held-out", type=int, help="held-out scenes for the tokenizer's PSNR (default 64)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=-1,
@@ -54,19 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     device, _ = resolve_device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32: these small models train as well and faster
-    workers = args.workers if args.workers >= 0 else (max(1, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0)
+    workers = args.workers if args.workers >= 0 else (max(1, len(os.sched_getaffinity(0)) - 1)
+                                                      if device.type == "cuda" else 0)
     rt = Runtime(device, workers)
-    recipe = TrainConfig(seed=args.seed, held_out=args.held_out).model_dump()
-    unknown = set(args.recipe) - set(recipe)
-    if unknown:
-        parser.error(f"--recipe: unknown fields {sorted(unknown)}; TrainConfig has {sorted(recipe)}")
-    for key, value in args.recipe.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
     try:
-        cfg = TrainConfig(**recipe)
-    except ValidationError as exc:
-        parser.error(f"--recipe: {exc}")
-    cfg = cfg.model_copy(update={k: getattr(cfg, k).model_copy(update={"steps": v}) for k, v in args.steps.items()})
+        cfg = recipe(args.out / "config.json", args.recipe, args.steps, args.seed, args.held_out)
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(cfg.model_dump_json(indent=2))
     phases = args.phases.split(",")

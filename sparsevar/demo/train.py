@@ -90,7 +90,8 @@ def _batches(cfg: TrainConfig, phase: int, batch: int, steps: range, workers: in
         for step in steps:
             yield step, *scenes.batch(seeds(step), cfg.model.image_side)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         pending: deque = deque()
         for step in steps:
             pending.append((step, pool.submit(scenes.batch, seeds(step), cfg.model.image_side)))
@@ -99,6 +100,8 @@ def _batches(cfg: TrainConfig, phase: int, batch: int, steps: range, workers: in
                 yield done, *future.result()
         for done, future in pending:
             yield done, *future.result()
+    finally:  # a failed or interrupted step must not wait for the batches rendered ahead
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _lr(phase: Phase, step: int) -> float:
@@ -147,7 +150,7 @@ def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: R
     for step, images, captions, found in _batches(cfg, index, phase.batch, range(start, phase.steps), rt.workers):
         for group in optimizer.param_groups:
             group["lr"] = _lr(phase, step)
-        loss, figures = step_fn(images, captions, found)
+        loss, figures = step_fn(step, images, captions, found)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -171,7 +174,7 @@ def train_tokenizer(cfg: TrainConfig, out: Path, rt: Runtime) -> tuple[Encoder, 
     encoder, decoder = encoder.to(rt.device), decoder.to(rt.device)
     params = [*encoder.parameters(), *decoder.parameters()]
 
-    def step(images, captions, found):
+    def step(index, images, captions, found):
         x = pixels(images).to(rt.device)
         f = encoder(x)
         f_hat, _ = quantize(f, m.patch_sizes)
@@ -186,7 +189,7 @@ def train_tokenizer(cfg: TrainConfig, out: Path, rt: Runtime) -> tuple[Encoder, 
 def finetune_decoder(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder, decoder: Decoder) -> Decoder:
     decoder = copy.deepcopy(decoder).train().requires_grad_(True)
 
-    def step(images, captions, found):
+    def step(index, images, captions, found):
         x = pixels(images).to(rt.device)
         with torch.no_grad():
             f_hat, _ = quantize(encoder(x), cfg.model.patch_sizes)
@@ -222,13 +225,13 @@ def train_transformer(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder
     model.decoder.requires_grad_(False)
     tokenizer = ByteTokenizer(m.max_text_tokens)
     rope, stage_ids = (t.to(rt.device) for t in sequence_layout(m))
-    dropout = torch.Generator().manual_seed(cfg.seed + 2)
     params = [p for name, p in model.named_parameters() if not name.startswith("decoder.")]
 
-    def step(images, captions, found):
+    def step(index, images, captions, found):
         inputs, targets = teacher_batch(encoder, m, images)
         ids, mask = tokenizer(captions, rt.device)
         text = model.text_encoder(ids, mask)
+        dropout = torch.Generator().manual_seed((cfg.seed + 2) * 10**9 + index)  # per step, so resumes match
         drop = (torch.rand(len(captions), generator=dropout) < cfg.cfg_dropout).to(rt.device)
         text = torch.where(drop[:, None, None], model.cfg_uncond[: ids.shape[1]].expand_as(text), text)
         cond = model.transformer.condition(text, mask)
@@ -247,7 +250,7 @@ def train_yardstick(cfg: TrainConfig, out: Path, rt: Runtime) -> Yardstick:
     torch.manual_seed(cfg.seed + 3)
     yardstick = Yardstick().to(rt.device)
 
-    def step(images, captions, found):
+    def step(index, images, captions, found):
         logits = yardstick(pixels(images).to(rt.device))
         labels = torch.stack([scene_labels(s) for s in found]).to(rt.device)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
