@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsevar.backends import build_backend
-from sparsevar.backends.tiny.backend import DEMO_WEIGHTS, TinyBackend
+from sparsevar.backends.tiny.backend import DEMO_WEIGHTS, TinyBackend, TinyModel, load_weights
 from sparsevar.backends.tiny.transformer import TextContext
 from sparsevar.config import SamplingConfig
 from sparsevar.demo import scenes
@@ -114,6 +114,7 @@ def test_train_demo_runs_every_phase_and_resumes(tmp_path):
     for name in ("demo.safetensors", "yardstick.safetensors", "tokenizer.pt", "decoder.pt", "transformer.pt",
                  "summary.json"):
         assert (tmp_path / name).exists()
+    load_weights(TinyModel(demo_model()), str(tmp_path / "demo.safetensors"))  # strict: every entry, right shapes
     more = json.dumps({"tokenizer": 2, "decoder": 1, "transformer": 1, "yardstick": 1})
     assert train_demo.main(["--out", str(tmp_path), "--steps", more, "--held-out", "2",
                             "--phases", "tokenizer"]) == 0

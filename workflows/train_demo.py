@@ -1,9 +1,9 @@
 """Train the demo model: `python -m workflows.train_demo --out DIR` (resumable: run it again to continue).
 
 Phases, in order: tokenizer (encoder and decoder), decoder (fine-tuned alone on the frozen codes),
-transformer, yardstick. Writes DIR/demo.safetensors (the tiny backend's weights, once the transformer is
-trained), DIR/yardstick.safetensors, DIR/log.jsonl and DIR/summary.json. Ship them by copying the two
-.safetensors files to sparsevar/demo/weights/.
+transformer, yardstick. Writes DIR/demo.safetensors (the tiny backend's weights, rewritten at every
+transformer checkpoint and at the end), DIR/yardstick.safetensors, DIR/log.jsonl and DIR/summary.json. Ship
+them by copying the two .safetensors files to sparsevar/demo/weights/.
 """
 
 import argparse
@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from sparsevar.backends import resolve_device
 from sparsevar.demo.train import (
     Runtime,
     TrainConfig,
+    export_weights,
     finetune_decoder,
     tokenizer_psnr,
     train_tokenizer,
@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                                    >= cfg.transformer.steps):
         model = train_transformer(cfg, args.out, rt, encoder, decoder)
         model.decoder.load_state_dict(decoder.state_dict())
-        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, args.out / "demo.safetensors")
+        export_weights(model, args.out / "demo.safetensors")
     if "yardstick" in phases:
         yardstick = train_yardstick(cfg, args.out, rt)
-        save_file({k: v.cpu() for k, v in yardstick.state_dict().items()}, args.out / "yardstick.safetensors")
+        export_weights(yardstick, args.out / "yardstick.safetensors")
     summary[f"seconds_{'+'.join(phases)}"] = round(time.time() - began, 1)
     summary_path.write_text(json.dumps(summary, indent=2))
     return 0

@@ -13,7 +13,7 @@ import math
 import multiprocessing
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 
 from sparsevar.attention import rope_2d_table
@@ -136,9 +138,16 @@ class Checkpoint:
         tmp.replace(self.path)
 
 
-def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: Runtime, modules, params, step_fn
-         ) -> None:
-    """The shared loop of every phase: resume, step, log, checkpoint."""
+def export_weights(module: nn.Module, path: Path) -> None:
+    """A module's weights as the backends load them (safetensors, on the CPU), replaced in one step."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
+def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: Runtime, modules, params, step_fn,
+         on_save: Callable[[], None] | None = None) -> None:
+    """The shared loop of every phase: resume, step, log, checkpoint (then on_save, if given)."""
     optimizer = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.0)
     checkpoint = Checkpoint(out / f"{name}.pt", modules, optimizer)
     start = checkpoint.load()
@@ -163,6 +172,8 @@ def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: R
             log.flush()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == phase.steps:
             checkpoint.save(step + 1)
+            if on_save is not None:
+                on_save()
     bar.close()
     log.close()
 
@@ -242,7 +253,9 @@ def train_transformer(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder
         accuracy = (logits.detach().unflatten(-1, (-1, 2)).argmax(-1) == targets)[:, last:].float().mean()
         return loss, {"bit_acc_last": float(accuracy)}
 
-    _run("transformer", cfg, cfg.transformer, 2, out, rt, {"model": model}, params, step)
+    # usable weights at every checkpoint, so that a run cut short (a GPU lease running out) still ships something
+    _run("transformer", cfg, cfg.transformer, 2, out, rt, {"model": model}, params, step,
+         on_save=lambda: export_weights(model, out / "demo.safetensors"))
     return model.eval().requires_grad_(False)
 
 
