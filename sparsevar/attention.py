@@ -19,6 +19,12 @@ class KVCache:
         self.length = 0
         self.all_valid = True
 
+    def reset(self) -> None:
+        """Empty the cache for a new generation, keeping its memory (for CUDA graphs, which hold its address)."""
+        self.valid_RL.fill_(True)
+        self.length = 0
+        self.all_valid = True
+
     def extend(
         self, k_RHlD: torch.Tensor, v_RHlD: torch.Tensor, valid_Rl: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

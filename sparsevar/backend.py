@@ -18,6 +18,7 @@ class Backend(Protocol):
     depth: int  # transformer blocks
     dim: int  # hidden width
     block_params: int  # parameters of one block, for the spec's cost model
+    kept_multiple: int  # kept tokens per image are rounded up to a multiple of this (1: exact; see plan_stage)
 
     def schedule(self, h_div_w: float) -> list[tuple[int, int]]:
         """Token-map sizes (h, w) of every stage, coarse to fine."""

@@ -159,7 +159,7 @@ def generate(
                 if sv.selection == "random":
                     s_BL = random_scores(requests, h * w, stage, device)
                 anchors = anchor_layout(h, w, sv.anchor_grid, device) if sv.anchor_grid else (None, None)
-                plan = plan_stage(s_BL, sv.tau, *anchors)
+                plan = plan_stage(s_BL, sv.tau, *anchors, multiple=backend.kept_multiple)
                 if min(plan.counts) == h * w:
                     plan = None  # every token runs: take the dense path, which is the same computation
         wants_score = first_sparse is not None and first_sparse <= stage + 1 <= len(schedule)

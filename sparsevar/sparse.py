@@ -90,18 +90,26 @@ class KeepPlan:
 
 
 def plan_stage(
-    score_BL: torch.Tensor, tau: float, anchor_of_L: torch.Tensor | None, is_anchor_L: torch.Tensor | None = None
+    score_BL: torch.Tensor, tau: float, anchor_of_L: torch.Tensor | None, is_anchor_L: torch.Tensor | None = None,
+    multiple: int = 1,
 ) -> KeepPlan:
     """Step 5 and the bookkeeping for 6-7: keep S >= τ and every anchor; index kept tokens and fill sources.
 
     is_anchor_L (from `anchor_layout`) saves recomputing it from anchor_of_L. The kept counts are the plan's one
-    read from the device: they set the shape of the kept tensors.
+    read from the device: they set the shape of the kept tensors. multiple > 1 (a departure from the spec, for
+    CUDA graphs, which need few distinct shapes) rounds each image's count up to a multiple, or to every token,
+    with its highest-scoring excluded tokens: they run and take their own prediction rather than pad.
     """
     keep_BL = score_BL >= tau
     if anchor_of_L is not None:
         if is_anchor_L is None:
             is_anchor_L = anchor_of_L == torch.arange(anchor_of_L.numel(), device=anchor_of_L.device)
         keep_BL = keep_BL | is_anchor_L
+    if multiple > 1:
+        target_B = ((keep_BL.sum(dim=1) + multiple - 1) // multiple * multiple).clamp(max=keep_BL.shape[1])
+        priority_BL = keep_BL.double() * 2 + score_BL.double()  # kept tokens first, then by score; scores <= 1
+        rank_BL = priority_BL.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        keep_BL = rank_BL < target_B[:, None]
     counts_B = keep_BL.sum(dim=1)
     counts = tuple(counts_B.tolist())
     n = max(counts)

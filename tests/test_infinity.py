@@ -158,8 +158,13 @@ def test_gpu_bench_smoke_run(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--device", "cpu", "--models", "infinity-2b", "--batches", "2", "--runs", "1",
-                       "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["normalize"], r["tau"]) for r in rows] == [("dense", None, None), ("sparse", "quantile", 0.6),
-                                                                      ("sparse", "minmax", 0.6)]
-    assert rows[0]["speedup"] == 1.0 and all(r["flops_ratio"] > 1 and r["kept_ratio"] < 1 for r in rows[1:])
+                       "--cuda-graphs", "--decode-experiment", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    settings = [("dense", None, None), ("sparse", "quantile", 0.6), ("sparse", "minmax", 0.6)]
+    assert [(r["graphs"], r["mode"], r["normalize"], r["tau"]) for r in rows] == [
+        (graphs, *s) for graphs in (False, True) for s in settings]
+    for eager_or_graphs in (rows[:3], rows[3:]):
+        assert eager_or_graphs[0]["speedup"] == 1.0
+        assert all(r["flops_ratio"] > 1 and r["kept_ratio"] < 1 for r in eager_or_graphs[1:])
+    assert report["decode_experiment"]["max_abs_diff_255"] < 1

@@ -86,6 +86,23 @@ def test_plan_pads_kept_lists_and_points_excluded_tokens_at_their_anchor():
     assert plan.src_idx_BL[1].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
 
 
+def test_rounded_counts_add_each_images_best_excluded_tokens():
+    """CUDA graphs round kept counts up (plan_stage's multiple): the extra tokens are the best-scoring excluded."""
+    anchor_of, is_anchor = anchor_layout(8, 8, 4)  # 4 anchors
+    score = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))
+    score[2] = 1.0  # every token kept: no rounding past the grid
+    exact, rounded = plan_stage(score, 0.7, anchor_of, is_anchor), plan_stage(score, 0.7, anchor_of, is_anchor,
+                                                                              multiple=16)
+    assert [-(-c // 16) * 16 for c in exact.counts[:2]] + [64] == list(rounded.counts)
+    for b in range(2):
+        assert bool((rounded.keep_BL[b] >= exact.keep_BL[b]).all())
+        extra = rounded.keep_BL[b] & ~exact.keep_BL[b]
+        left_out = ~rounded.keep_BL[b]
+        assert score[b][extra].min() >= score[b][left_out].max()
+    assert rounded.valid_Bn is not None  # images still pad to the batch's largest count
+    assert (rounded.src_idx_BL >= 0).all()
+
+
 def test_without_anchors_excluded_tokens_have_no_source():
     score = torch.tensor([[0.9, 0.1, 0.8, 0.2]])
     plan = plan_stage(score, 0.5, None)

@@ -81,6 +81,39 @@ def settings(name: str, sv: SparseVARConfig, smoke: bool) -> list[SparseVARConfi
     return [sv.model_copy(update={"enabled": False}), *([quantile, sv] if sv.normalize != "quantile" else [sv])]
 
 
+def decode_experiment(backend, runs: int) -> dict:
+    """The 1024² VAE decode of one image as the backend runs it (NCHW) and with the decoder in channels_last
+    memory format (cuDNN's fast layout for bf16 convolutions), on the same random codes: median ms and the largest
+    pixel difference. The backend is left as it was."""
+    device = backend.device
+    H, W = backend._vae_grid(*backend.schedule(1.0)[-1])
+    f_BdHW = torch.randn(1, backend.cfg.vae_bits, H, W, device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed() -> tuple[float, torch.Tensor]:
+        times = []
+        for _ in range(runs + 1):  # the first one warms up
+            sync()
+            started = time.perf_counter()
+            with torch.inference_mode(), backend._autocast():
+                rgb = backend.vae.decode(f_BdHW).float()
+            sync()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times[1:]), rgb
+
+    nchw_ms, nchw = timed()
+    backend.vae.to(memory_format=torch.channels_last)
+    try:
+        last_ms, last = timed()
+    finally:
+        backend.vae.to(memory_format=torch.contiguous_format)
+    return {"nchw_ms": nchw_ms, "channels_last_ms": last_ms,
+            "max_abs_diff_255": float((nchw - last).abs().max()) * 127.5}
+
+
 def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) -> dict:
     """Median per-image latency and the figures of one setting, from `runs` warm generations."""
     device = backend.device
@@ -112,16 +145,17 @@ def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) ->
 
 
 def setting(row: dict) -> str:
-    return "dense" if row["mode"] == "dense" else f"{row['normalize']} τ={row['tau']}"
+    name = "dense" if row["mode"] == "dense" else f"{row['normalize']} τ={row['tau']}"
+    return name + (" graphs" if row.get("graphs") else "")
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | setting | ms/image | text ms | decode ms | speed-up | FLOPs ratio | efficiency "
-             "| kept (≥P) | overhead ms/image | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | setting | ms/image | text ms | decode ms | speed-up | vs eager dense | FLOPs ratio "
+             "| efficiency | kept (≥P) | overhead ms/image | peak GiB |", "|---" * 13 + "|"]
     for r in rows:
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         lines.append(f"| {r['model']} | {r['batch']} | {setting(r)} | {r['latency_ms']:.1f} | {r['text_ms']:.1f} "
-                     f"| {r['decode_ms']:.1f} | {r['speedup']:.2f} "
+                     f"| {r['decode_ms']:.1f} | {r['speedup']:.2f} | {r['speedup_vs_eager_dense']:.2f} "
                      f"| {r['flops_ratio']:.2f} | {r['efficiency']:.2f} | {r['kept_ratio']:.3f} "
                      f"| {r['overhead_ms']:.2f} | {peak} |")
     return "\n".join(lines)
@@ -153,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu-bench.json", help="JSON written after every row")
     parser.add_argument("--compile", action="store_true",
                         help="experimental: torch.compile the transformer blocks (minutes of warm-up)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time every setting of the models that support it with `cuda_graphs` (two "
+                        "warm-up generations: a first run, then the capture), against the dense row of that mode")
+    parser.add_argument("--decode-experiment", action="store_true",
+                        help="time Infinity's VAE decode of one image in NCHW and in channels_last")
     parser.add_argument("--smoke", action="store_true", help="tiny architectures and schedules, for a CPU check")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -165,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     meta = {"command": " ".join(["python scripts/gpu/bench.py", *(sys.argv[1:] if argv is None else argv)]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "dtype": str(dtype), "torch": torch.__version__, "runs": runs, "warmup": warmup, "compile": args.compile}
+            "dtype": str(dtype), "torch": torch.__version__, "runs": runs, "warmup": warmup, "compile": args.compile,
+            "cuda_graphs": args.cuda_graphs}
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
@@ -185,21 +225,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(backend.schedule(1.0))} stages up to {backend.schedule(1.0)[-1]}")
     if device.type == "cuda":
         log(f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated for the models")
+    if args.decode_experiment and "infinity-2b" in backends:
+        meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3))
+        log(f"infinity-2b VAE decode, one image: {meta['decode_experiment']}")
     for batch in batches:
         for name, (backend, svs) in backends.items():
-            for sv in svs:  # dense first
-                row = {"model": name, "batch": batch, "mode": "sparse" if sv.enabled else "dense",
-                       "normalize": sv.normalize if sv.enabled else None, "tau": sv.tau if sv.enabled else None,
-                       "sparsevar": sv.model_dump(), **measure(backend, batch, sv, warmup, runs)}
-                if not sv.enabled:
-                    dense_ms = row["latency_ms"]
-                row["speedup"] = dense_ms / row["latency_ms"]
-                row["efficiency"] = row["speedup"] / row["flops_ratio"]
-                rows.append(row)
-                log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
-                    f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency {row['efficiency']:.2f}, "
-                    f"kept {row['kept_ratio']:.3f}")
-                Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+            modes = [False, True] if args.cuda_graphs and hasattr(backend, "use_cuda_graphs") else [False]
+            for graphs in modes:
+                if graphs:
+                    backend.use_cuda_graphs(True)
+                for sv in svs:  # dense first
+                    row = {"model": name, "batch": batch, "graphs": graphs, "mode": "sparse" if sv.enabled else "dense",
+                           "normalize": sv.normalize if sv.enabled else None, "tau": sv.tau if sv.enabled else None,
+                           "sparsevar": sv.model_dump(), **measure(backend, batch, sv, warmup + graphs, runs)}
+                    if not sv.enabled:
+                        dense_ms = row["latency_ms"]
+                        if not graphs:
+                            eager_dense_ms = dense_ms
+                    row["speedup"] = dense_ms / row["latency_ms"]
+                    row["speedup_vs_eager_dense"] = eager_dense_ms / row["latency_ms"]
+                    row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                    rows.append(row)
+                    log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
+                        f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
+                        f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
+                    Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+                if graphs:
+                    backend.use_cuda_graphs(False)  # frees the workspace before the next batch size
     print(f"\n{meta['device']}, {dtype}, CFG on, median of {runs} runs after {warmup} warm-up\n\n{table(rows)}",
           flush=True)
     return 0

@@ -98,6 +98,7 @@ def load_parts(cfg: HartConfig, device: torch.device, dtype: torch.dtype) -> Har
 
 class HartBackend:
     name = "hart"
+    kept_multiple = 1
 
     def __init__(self, cfg: HartConfig, sampling: SamplingConfig, parts: HartParts, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:

@@ -4,7 +4,9 @@ Stage 1 runs the pooled text token; every later stage runs the running sum of co
 the official code) to the stage's grid and, with spatial patchify (8B), folded 2x2 into one token. Sampled
 bits become BSQ codes, which are upsampled to the last grid and summed; the VAE decodes the sum.
 On a GPU the blocks hold bf16 weights and run under bf16 autocast, as the official script; norms, the head
-and the running sum stay in float32. On the CPU everything is float32.
+and the running sum stay in float32. On the CPU everything is float32. With `cuda_graphs` each stage's
+transformer forward is replayed from a CUDA graph (`sparsevar.graphs`) over caches and a text context that
+persist across generations of the same batch shape.
 """
 
 from dataclasses import dataclass
@@ -20,11 +22,15 @@ from sparsevar.backends.infinity.schedule import rope_table, schedule, stage_off
 from sparsevar.backends.infinity.text import T5Text
 from sparsevar.backends.infinity.vae import VAE, constant_entries
 from sparsevar.config import SamplingConfig
+from sparsevar.graphs import StageGraphs
 from sparsevar.sampling import sample_bits
 from sparsevar.state_dicts import check_entries, read_state_dict
 
 # Buffers of older official models that their loader drops before loading; they hold no weights.
 LEGACY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+# With CUDA graphs, shapes are rounded so that graphs repeat across prompts and images (masks hide the padding).
+TEXT_MULTIPLE = 16  # text tokens
+KEPT_MULTIPLE = 64  # kept tokens of a sparse stage (extra tokens run; see `plan_stage`)
 
 
 @dataclass
@@ -67,6 +73,15 @@ class InfinityBackend:
         self._inv_temperature = 1 / sampling.temperature
         self._sampling = sampling.model_copy(update={"temperature": 1.0})
         self._rope: dict[float, torch.Tensor] = {}
+        self.graphs: StageGraphs | None = None
+        self.use_cuda_graphs(cfg.cuda_graphs)
+
+    def use_cuda_graphs(self, enabled: bool) -> None:
+        """Switch CUDA-graph mode (`InfinityConfig.cuda_graphs`); switching frees any captured graphs."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.graphs = StageGraphs(self.device) if enabled else None
+        self.kept_multiple = KEPT_MULTIPLE if enabled else 1
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -96,18 +111,35 @@ class InfinityBackend:
                 uncond_BTC = torch.where(has_neg_B1[..., None], neg_BTC, m.cfg_uncond[:width].expand(B, -1, -1))
                 uncond_mask = torch.where(has_neg_B1, neg_mask, mask_BT)
             text_BTC, mask_BT = torch.cat([text_BTC, uncond_BTC]), torch.cat([mask_BT, uncond_mask])
+        if self.graphs is not None:  # prompts of similar length share a text width, hence the stage graphs
+            width = min(-(-text_BTC.shape[1] // TEXT_MULTIPLE) * TEXT_MULTIPLE, self.cfg.text_max_tokens)
+            text_BTC, mask_BT = _pad_to(text_BTC, mask_BT, max(width, text_BTC.shape[1]))
         with self._autocast():
-            sos_R1C, text = m.encode_text(text_BTC.float(), mask_BT)
+            sos_R1C, text = m.encode_text(text_BTC.float(), mask_BT, keep_mask=self.graphs is not None)
         grids = self.schedule(h_div_w)
         branches = 2 if guided else 1
-        capacity = sum(h * w for h, w in grids)
-        heads = self.cfg.heads
-        caches = [KVCache(branches * B, heads, capacity, self.dim // heads, self.device, self.dtype)
-                  for _ in range(self.depth)]
-        H, W = self._vae_grid(*grids[-1])
-        f_hat = torch.zeros(B, self.cfg.vae_bits, 1, H, W, device=self.device)
-        return InfinityState(B, branches, grids, sos_R1C, text, caches,
-                             self._rope_table(template(h_div_w)), stage_offsets(grids), f_hat)
+
+        def new_state() -> InfinityState:
+            capacity, heads = sum(h * w for h, w in grids), self.cfg.heads
+            caches = [KVCache(branches * B, heads, capacity, self.dim // heads, self.device, self.dtype)
+                      for _ in range(self.depth)]
+            H, W = self._vae_grid(*grids[-1])
+            f_hat = torch.zeros(B, self.cfg.vae_bits, 1, H, W, device=self.device)
+            return InfinityState(B, branches, grids, sos_R1C, text, caches,
+                                 self._rope_table(template(h_div_w)), stage_offsets(grids), f_hat)
+
+        if self.graphs is None:
+            return new_state()
+        # The graphs hold the workspace's caches and text context: a new generation copies its values in.
+        key = (B, branches, tuple(text_BTC.shape), tuple(grids))
+        state, new = self.graphs.workspace(key, new_state)
+        if not new:
+            torch._foreach_copy_(state.text.tensors(), text.tensors())
+            for cache in state.caches:
+                cache.reset()
+            state.sos_R1C = sos_R1C
+            state.f_hat_Bd1HW.zero_()
+        return state
 
     def _rope_table(self, h_div_w_template: float) -> torch.Tensor:
         if h_div_w_template not in self._rope:
@@ -128,8 +160,18 @@ class InfinityBackend:
         start = state.offsets[stage - 1]
         table_2Ld = state.rope_2Ld[:, start : start + h * w]
         rope = table_2Ld[:, None] if positions_Rn is None else table_2Ld[:, positions_Rn]
-        with self._autocast():
-            logits, block_io = self.model(x_RnC, stage, rope, state.caches, valid_Rn, state.text, capture_block)
+        caches, text = state.caches, state.text
+
+        def run(x_RnC, rope, valid_Rn):
+            with self._autocast():
+                return self.model(x_RnC, stage, rope, caches, valid_Rn, text, capture_block)
+
+        if self.graphs is None:
+            logits, block_io = run(x_RnC, rope, valid_Rn)
+        else:
+            key = (stage, tuple(x_RnC.shape), tuple(rope.shape), valid_Rn is None, capture_block, caches[0].length,
+                   caches[0].all_valid)
+            logits, block_io = self.graphs.run(key, run, (x_RnC, rope, valid_Rn), caches)
         return logits.mul(self._inv_temperature), block_io
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):

@@ -46,6 +46,11 @@ class TextContext:
     head: tuple[torch.Tensor, torch.Tensor]
     mask_R11T: torch.Tensor | None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in a fixed order: a context kept for CUDA graphs takes a new generation's in one copy."""
+        blocks = [t for b in self.blocks for t in (*b.ada, b.qkv_bias, b.scale_mul, *b.ca_norm, *b.text_kv)]
+        return [*blocks, *self.head, *([] if self.mask_R11T is None else [self.mask_R11T])]
+
 
 def layer_norm(x_RnC: torch.Tensor) -> torch.Tensor:
     """Parameter-free LayerNorm in float32, as every AdaLN norm of the model."""
@@ -218,14 +223,16 @@ class Infinity(nn.Module):
     def blocks(self) -> list[Block]:
         return [block for chunk in self.block_chunks for block in chunk.module]
 
-    def encode_text(self, text_RTC: torch.Tensor, mask_RT: torch.Tensor) -> tuple[torch.Tensor, TextContext]:
+    def encode_text(self, text_RTC: torch.Tensor, mask_RT: torch.Tensor, keep_mask: bool = False
+                    ) -> tuple[torch.Tensor, TextContext]:
         """Start tokens (R, 1, C) and the text context: everything the stages read that depends on the text only.
 
         The AdaLN condition (R, D) gives the start token, the shared projection (R, 1, 6, C) every block's
-        modulation and, with autocast off as in `forward`, the head's.
+        modulation and, with autocast off as in `forward`, the head's. The mask is dropped when every token is
+        real, unless keep_mask (CUDA graphs need the same layout for every prompt).
         """
         text_RTC = self.text_norm(text_RTC)
-        mask_R11T = None if bool(mask_RT.all()) else mask_RT[:, None, None, :]
+        mask_R11T = None if not keep_mask and bool(mask_RT.all()) else mask_RT[:, None, None, :]
         cond_RD = self.text_proj_for_sos.ca.pool(text_RTC, mask_R11T).float()
         ca_RTC = self.text_proj_for_ca(text_RTC)
         with torch.autocast(cond_RD.device.type, enabled=False):

@@ -68,6 +68,7 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 class TinyBackend:
     name = "tiny"
+    kept_multiple = 1
 
     def __init__(self, cfg: TinyConfig, sampling: SamplingConfig, device: torch.device, dtype=torch.float32):
         self.cfg, self.sampling, self.device, self.dtype = cfg, sampling, device, dtype

@@ -1,0 +1,130 @@
+"""CUDA graphs for stage forwards: at batch 1 a 2B-parameter stage issues ~2,000 kernels whatever its size, so
+the small stages cost the launch time, not the GPU's (25 ms a stage on an H200). A graph replays them in one call.
+
+A graph reads and writes the addresses it was captured with, so everything a stage reads besides its inputs (the
+key/value caches, the text context) must be the same tensors in every generation: the backend keeps them in a
+workspace (`workspace`) and copies each generation's values in. A key's first run is eager (it warms up kernels
+and allocators); its second is captured and replayed; later ones only replay. The caches' host-side bookkeeping
+(length, whether a mask is needed) is part of the key and is set after a replay as the capture left it.
+
+On a CPU there is nothing to capture: the same bookkeeping runs and a "replay" calls the captured closure on the
+static inputs, so tests exercise what a GPU replays (stale workspace tensors give wrong images there too).
+"""
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsevar.attention import KVCache
+
+Inputs = tuple[torch.Tensor | None, ...]
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph | None"  # None on a CPU
+    fn: Callable[..., Any]
+    inputs: Inputs  # static copies the graph reads
+    outputs: Any  # tensors the graph writes, returned by every replay
+    caches_after: list[tuple[int, bool]]
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    """Copy a (nested tuple of) tensors, with Nones, into tensors of the same structure."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, tuple):
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
+
+
+class StageGraphs:
+    """Captured stage forwards of one workspace, by key, at most `max_graphs` of them (least recently used go)."""
+
+    def __init__(self, device: torch.device, max_graphs: int = 64) -> None:
+        self.device, self.max_graphs = device, max_graphs
+        self.cuda = device.type == "cuda"
+        self.enabled = True
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self._seen: set[Hashable] = set()
+        self._workspace_key: Hashable | None = None
+        self._workspace: Any = None
+        self.captures = self.replays = 0
+
+    def workspace(self, key: Hashable, make: Callable[[], Any]) -> tuple[Any, bool]:
+        """The workspace for `key` and whether it is new; a new key drops the old workspace and its graphs, so
+        memory holds one set of caches (Infinity-2B's take 88 GB at batch 16 with guidance)."""
+        if key == self._workspace_key:
+            return self._workspace, False
+        self.clear()
+        self._workspace_key, self._workspace = key, make()
+        return self._workspace, True
+
+    def clear(self) -> None:
+        """Drop the workspace and every graph, freeing their memory."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._workspace_key = self._workspace = None
+
+    def run(self, key: Hashable, fn: Callable[..., Any], inputs: Inputs, caches: list[KVCache]) -> Any:
+        """fn(*inputs), replayed from a graph once `key` has run before. `key` must determine every shape and
+        every cache's length and mask state before the call. Graphs share one memory pool, so the outputs hold
+        until the next call only (a later graph may reuse their memory for its own work)."""
+        if not self.enabled:
+            return fn(*inputs)
+        captured = self._graphs.get(key)
+        if captured is not None:
+            self._graphs.move_to_end(key)
+            return self._replay(captured, inputs, caches)
+        if key not in self._seen:
+            if len(self._seen) > 64 * self.max_graphs:
+                self._seen.clear()
+            self._seen.add(key)
+            return fn(*inputs)
+        captured = self._capture(fn, inputs, caches)
+        if captured is None:
+            return fn(*inputs)
+        self._graphs[key] = captured
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return captured.outputs
+
+    def _capture(self, fn: Callable[..., Any], inputs: Inputs, caches: list[KVCache]) -> _Captured | None:
+        before = [(c.length, c.all_valid) for c in caches]
+        static = tuple(None if t is None else t.clone() for t in inputs)
+        if not self.cuda:
+            outputs = fn(*static)
+            self.captures += 1
+            return _Captured(None, fn, static, outputs, [(c.length, c.all_valid) for c in caches])
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = fn(*static)
+        except RuntimeError as exc:  # an op that cannot be captured: stay eager rather than fail the job
+            for cache, (length, all_valid) in zip(caches, before, strict=True):
+                cache.length, cache.all_valid = length, all_valid
+            warnings.warn(f"CUDA graph capture failed, running eagerly from now on: {exc}", stacklevel=3)
+            self.enabled = False
+            self.clear()
+            return None
+        graph.replay()
+        self.captures += 1
+        return _Captured(graph, fn, static, outputs, [(c.length, c.all_valid) for c in caches])
+
+    def _replay(self, captured: _Captured, inputs: Inputs, caches: list[KVCache]) -> Any:
+        for static, new in zip(captured.inputs, inputs, strict=True):
+            if static is not None:
+                static.copy_(new)
+        if captured.graph is not None:
+            captured.graph.replay()
+        else:
+            _copy_into(captured.outputs, captured.fn(*captured.inputs))
+        for cache, (length, all_valid) in zip(caches, captured.caches_after, strict=True):
+            cache.length, cache.all_valid = length, all_valid
+        self.replays += 1
+        return captured.outputs
