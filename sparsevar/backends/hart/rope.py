@@ -55,7 +55,8 @@ def take(cos_sin_2RLD: torch.Tensor, positions_Rn: torch.Tensor | None) -> torch
 
 
 def apply_rope(x_RHLD: torch.Tensor, cos_sin_2RLD: torch.Tensor) -> torch.Tensor:
-    """x·cos + rotate_half(x)·sin, rotate_half(x) = [-x[D/2:], x[:D/2]]."""
+    """x·cos + rotate_half(x)·sin, rotate_half(x) = [-x[D/2:], x[:D/2]]; x may carry leading dims (queries and
+    keys stacked)."""
     cos, sin = cos_sin_2RLD[0][:, None].to(x_RHLD.dtype), cos_sin_2RLD[1][:, None].to(x_RHLD.dtype)
     x1, x2 = x_RHLD.chunk(2, dim=-1)
     return x_RHLD * cos + torch.cat([-x2, x1], dim=-1) * sin

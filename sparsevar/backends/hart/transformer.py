@@ -24,11 +24,12 @@ TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # in the official files,
 @dataclass
 class BlockContext:
     """What a block reads at every stage of a generation, computed once per generation rather than per stage:
-    its AdaLN modulation (γ1, γ2, 1 + scale1, 1 + scale2, shift1, shift2), its qkv bias and its query scale."""
+    its AdaLN modulation (γ1, γ2, 1 + scale1, 1 + scale2, shift1, shift2), its qkv bias and its query and key
+    scales."""
 
     ada: tuple[torch.Tensor, ...]
     qkv_bias: torch.Tensor
-    scale_mul: torch.Tensor
+    qk_scale: torch.Tensor
 
 
 @dataclass
@@ -64,18 +65,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The qkv bias (no key bias) and the query scale exp(min(scale_mul, ln 100)), as forward takes them."""
-        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), self.scale_mul_1H11.clamp_max(
-            MAX_SCALE_MUL).exp()
+        """The qkv bias (no key bias) and the scales of the normalised queries and keys, (2, 1, H, 1, 1): the
+        query's exp(min(scale_mul, ln 100)), the key's 1 (exact), so that one multiply serves both."""
+        scale_1H11 = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), torch.stack(
+            [scale_1H11, torch.ones_like(scale_1H11)])
 
-    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn, bias, scale_mul) -> torch.Tensor:
+    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
+        """Queries and keys are normalised, scaled and rotated as one tensor: the same values as one at a time,
+        in half the kernel launches, which set the time of small stages."""
         R, n, C = x_RnC.shape
         qkv = F.linear(x_RnC, self.qkv_proj.weight, bias).view(R, n, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = F.normalize(q, dim=-1).mul(scale_mul)
-        k = F.normalize(k, dim=-1)
-        keys, values, mask = cache.extend(apply_rope(k, cos_sin_2RnD), v, valid_Rn)
-        out = F.scaled_dot_product_attention(apply_rope(q, cos_sin_2RnD), keys, values, attn_mask=mask, scale=1.0)
+        qk_2RHnD = F.normalize(qkv[:, :, :2].permute(2, 0, 3, 1, 4), dim=-1).mul(scale_2_1H11)
+        q, k = apply_rope(qk_2RHnD, cos_sin_2RnD).unbind(0)
+        keys, values, mask = cache.extend(k, qkv[:, :, 2].transpose(1, 2), valid_Rn)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(R, n, C))
 
 
@@ -106,7 +110,7 @@ class Block(nn.Module):
     def forward(self, x_RnC, ctx: BlockContext, cos_sin_2RnD, cache, valid_Rn) -> torch.Tensor:
         gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
         x_RnC = x_RnC + self.attn(self.ln_wo_grad(x_RnC) * scale1_1 + shift1, cos_sin_2RnD, cache, valid_Rn,
-                                  ctx.qkv_bias, ctx.scale_mul) * gamma1
+                                  ctx.qkv_bias, ctx.qk_scale) * gamma1
         return x_RnC + self.ffn(self.ln_wo_grad(x_RnC) * scale2_1 + shift2) * gamma2
 
 

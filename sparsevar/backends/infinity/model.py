@@ -29,11 +29,11 @@ MAX_LOG_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # cap of the learned 
 class BlockContext:
     """What a block reads at every stage of a generation, computed once per generation rather than per stage:
     its AdaLN modulation (γ1, γ2, 1 + scale1, 1 + scale2, shift1, shift2), its self-attention's qkv bias and
-    query scale, its cross-attention norm's weight and bias in float32, and the text's keys and values."""
+    query and key scales, its cross-attention norm's weight and bias in float32, and the text's keys and values."""
 
     ada: tuple[torch.Tensor, ...]
     qkv_bias: torch.Tensor
-    scale_mul: torch.Tensor
+    qk_scale: torch.Tensor
     ca_norm: tuple[torch.Tensor, torch.Tensor]
     text_kv: tuple[torch.Tensor, torch.Tensor]
 
@@ -48,7 +48,7 @@ class TextContext:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor, in a fixed order: a context kept for CUDA graphs takes a new generation's in one copy."""
-        blocks = [t for b in self.blocks for t in (*b.ada, b.qkv_bias, b.scale_mul, *b.ca_norm, *b.text_kv)]
+        blocks = [t for b in self.blocks for t in (*b.ada, b.qkv_bias, b.qk_scale, *b.ca_norm, *b.text_kv)]
         return [*blocks, *self.head, *([] if self.mask_R11T is None else [self.mask_R11T])]
 
 
@@ -81,18 +81,22 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The qkv bias (no key bias) and the query scale exp(min(scale_mul, ln 100)), as forward takes them."""
-        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), self.scale_mul_1H11.clamp_max(
-            MAX_LOG_SCALE_MUL).exp()
+        """The qkv bias (no key bias) and the scales of the normalised queries and keys, (2, 1, H, 1, 1): the
+        query's exp(min(scale_mul, ln 100)), the key's 1 (exact), so that one multiply serves both."""
+        scale_1H11 = self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), torch.stack(
+            [scale_1H11, torch.ones_like(scale_1H11)])
 
-    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_mul) -> torch.Tensor:
+    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
+        """Queries and keys are normalised, scaled and rotated as one tensor: the same values as one at a time,
+        in half the kernel launches, which set the time of small stages."""
         R, n, C = x_RnC.shape
         qkv = F.linear(x_RnC, self.mat_qkv.weight, bias).view(R, n, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = apply_rope(F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul), rope_2Rnd)
-        k = apply_rope(F.normalize(k, dim=-1, eps=1e-12), rope_2Rnd)
-        keys, values, mask = cache.extend(k.to(cache.k_RHLD.dtype), v.to(cache.v_RHLD.dtype), valid_Rn)
-        out = F.scaled_dot_product_attention(q.to(values.dtype), keys, values, attn_mask=mask, scale=1.0)
+        qk_2RHnD = F.normalize(qkv[:, :, :2].permute(2, 0, 3, 1, 4), dim=-1, eps=1e-12).mul(scale_2_1H11)
+        q, k = apply_rope(qk_2RHnD, rope_2Rnd).to(cache.k_RHLD.dtype).unbind(0)
+        v = qkv[:, :, 2].transpose(1, 2)
+        keys, values, mask = cache.extend(k, v.to(cache.v_RHLD.dtype), valid_Rn)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(R, n, C))
 
 
@@ -122,7 +126,9 @@ class CrossAttention(nn.Module):
         k, v = kv
         if q_RHnD.dtype == torch.float32:  # the official code casts to bf16 for flash-attn in this case only
             q_RHnD, k, v = (t.to(torch.bfloat16).float() for t in (q_RHnD, k, v))
-        out = F.scaled_dot_product_attention(q_RHnD, k, v, attn_mask=mask_R11T).to(torch.bfloat16).float()
+        out = F.scaled_dot_product_attention(q_RHnD, k, v, attn_mask=mask_R11T)
+        if out.dtype == torch.float32:  # and its output in bf16 (under autocast it is bf16 already)
+            out = out.to(torch.bfloat16).float()
         return self.proj(out.transpose(1, 2).reshape(R, n, self.heads * self.head_dim))
 
     def attend(self, x_RnC: torch.Tensor, kv, mask_R11T: torch.Tensor | None) -> torch.Tensor:
@@ -172,9 +178,9 @@ class Block(nn.Module):
     def forward(self, x_RnC, ctx: BlockContext, rope_2Rnd, cache, valid_Rn, text_mask) -> torch.Tensor:
         gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
         x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * scale1_1 + shift1, rope_2Rnd, cache, valid_Rn, ctx.qkv_bias,
-                                ctx.scale_mul) * gamma1
+                                ctx.qk_scale) * gamma1
         x_ca = F.layer_norm(x_RnC.float(), self.ca_norm.normalized_shape, *ctx.ca_norm, self.ca_norm.eps)
-        x_RnC = x_RnC + self.ca.attend(x_ca, ctx.text_kv, text_mask).float()
+        x_RnC = x_RnC + self.ca.attend(x_ca, ctx.text_kv, text_mask)  # bf16 under autocast: the sum is float32
         return x_RnC + self.ffn(layer_norm(x_RnC) * scale2_1 + shift2) * gamma2
 
 

@@ -89,7 +89,8 @@ def stage_offsets(grids: list[tuple[int, int]]) -> list[int]:
 
 
 def apply_rope(x_RHnD: torch.Tensor, cos_sin_2Rnd: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) in float32; cos_sin is (2, R|1, n, D/2)."""
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) in float32; cos_sin is (2, R|1, n, D/2). x may carry
+    leading dims (queries and keys stacked)."""
     cos, sin = cos_sin_2Rnd[0][:, None], cos_sin_2Rnd[1][:, None]
     x0, x1 = x_RHnD.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
