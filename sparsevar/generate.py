@@ -17,7 +17,6 @@ from sparsevar.backend import Backend
 from sparsevar.config import SparseVARConfig
 from sparsevar.sparse import (
     anchor_layout,
-    block_scores,
     fill_scores,
     fill_tokens,
     gather_tokens,
@@ -166,14 +165,14 @@ def generate(
         capture = sv.score_block if wants_score else None
 
         if plan is None:
-            pred_RLV, block_io = backend.forward(state, x_RLC, stage, None, None, capture)
+            pred_RLV, change_Rn = backend.forward(state, x_RLC, stage, None, None, capture)
             tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
         else:
             with sparse_work():
                 idx_Rn = plan.kept_idx_Bn.repeat(branches, 1)
                 valid_Rn = None if plan.valid_Bn is None else plan.valid_Bn.repeat(branches, 1)
                 x_RnC = gather_tokens(x_RLC, idx_Rn)
-            pred_RnV, block_io = backend.forward(state, x_RnC, stage, idx_Rn, valid_Rn, capture)
+            pred_RnV, change_Rn = backend.forward(state, x_RnC, stage, idx_Rn, valid_Rn, capture)
             if sv.fill == "logits" and sv.anchor_grid:
                 with sparse_work():
                     pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1), plan.has_sources)
@@ -187,9 +186,9 @@ def generate(
             for i, tokens_LC in enumerate(tokens_BLC.cpu()):
                 tokens[i].append(tokens_LC)
 
-        if block_io is not None:  # the conditional rows score the next stage; uncond rows share the mask
+        if change_Rn is not None:  # the conditional rows score the next stage; uncond rows share the mask
             with sparse_work():
-                d_Bn = block_scores(block_io[0][:B], block_io[1][:B])
+                d_Bn = change_Rn[:B]
                 d_BL = d_Bn if plan is None else fill_scores(d_Bn, plan.src_idx_BL, plan.has_sources)
                 score_Bhw = normalize_scores(d_BL, sv.normalize).reshape(B, h, w)
 

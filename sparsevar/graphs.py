@@ -4,15 +4,15 @@ the small stages cost the launch time, not the GPU's (25 ms a stage on an H200).
 A graph reads and writes the addresses it was captured with, so everything a stage reads besides its inputs (the
 key/value caches, the text context) must be the same tensors in every generation: the backend keeps them in a
 workspace (`workspace`) and copies each generation's values in. A key's first run is eager (it warms up kernels
-and allocators); its second is captured and replayed; later ones only replay. The caches' host-side bookkeeping
-(length, whether a mask is needed) is part of the key and is set after a replay as the capture left it.
+and allocators, and a shape seen once is never captured); its second is captured and replayed; later ones only
+replay. The caches' host-side bookkeeping (length, whether a mask is needed) is part of the key and is set after
+a replay as the capture left it. Graphs are never destroyed while their workspace lives (past `max_graphs`, new
+shapes run eagerly), and they share one memory pool: a replay's outputs hold until the next call only.
 
 On a CPU there is nothing to capture: the same bookkeeping runs and a "replay" calls the captured closure on the
 static inputs, so tests exercise what a GPU replays (stale workspace tensors give wrong images there too).
 """
 
-import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -43,27 +43,25 @@ def _copy_into(dst: Any, src: Any) -> None:
 
 
 class StageGraphs:
-    """Captured stage forwards of one workspace, by key, at most `max_graphs` of them (least recently used go)."""
+    """Captured stage forwards of one workspace, by key, at most `max_graphs` of them."""
 
-    def __init__(self, device: torch.device, max_graphs: int = 64) -> None:
+    def __init__(self, device: torch.device, max_graphs: int = 256) -> None:
         self.device, self.max_graphs = device, max_graphs
         self.cuda = device.type == "cuda"
-        self.enabled = True
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
-        self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self._graphs: dict[Hashable, _Captured] = {}
         self._seen: set[Hashable] = set()
         self._workspace_key: Hashable | None = None
         self._workspace: Any = None
         self.captures = self.replays = 0
 
-    def workspace(self, key: Hashable, make: Callable[[], Any]) -> tuple[Any, bool]:
-        """The workspace for `key` and whether it is new; a new key drops the old workspace and its graphs, so
-        memory holds one set of caches (Infinity-2B's take 88 GB at batch 16 with guidance)."""
-        if key == self._workspace_key:
-            return self._workspace, False
-        self.clear()
-        self._workspace_key, self._workspace = key, make()
-        return self._workspace, True
+    def workspace(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The workspace for `key`; a new key drops the old workspace and its graphs, so that memory holds one
+        set of caches (Infinity-2B's take 88 GB at batch 16 with guidance)."""
+        if key != self._workspace_key:
+            self.clear()
+            self._workspace_key, self._workspace = key, make()
+        return self._workspace
 
     def clear(self) -> None:
         """Drop the workspace and every graph, freeing their memory."""
@@ -72,49 +70,35 @@ class StageGraphs:
         self._workspace_key = self._workspace = None
 
     def run(self, key: Hashable, fn: Callable[..., Any], inputs: Inputs, caches: list[KVCache]) -> Any:
-        """fn(*inputs), replayed from a graph once `key` has run before. `key` must determine every shape and
-        every cache's length and mask state before the call. Graphs share one memory pool, so the outputs hold
-        until the next call only (a later graph may reuse their memory for its own work)."""
-        if not self.enabled:
-            return fn(*inputs)
+        """fn(*inputs), replayed from a graph once `key` has run before. `key` must determine every shape, every
+        tensor fn reads besides its inputs, and every cache's length and mask state before the call."""
         captured = self._graphs.get(key)
         if captured is not None:
-            self._graphs.move_to_end(key)
             return self._replay(captured, inputs, caches)
-        if key not in self._seen:
-            if len(self._seen) > 64 * self.max_graphs:
+        if key not in self._seen or len(self._graphs) >= self.max_graphs:
+            if len(self._seen) >= 100 * self.max_graphs:  # bounded: varied shapes (min-max counts) never repeat
                 self._seen.clear()
             self._seen.add(key)
             return fn(*inputs)
         captured = self._capture(fn, inputs, caches)
-        if captured is None:
-            return fn(*inputs)
         self._graphs[key] = captured
-        if len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
         return captured.outputs
 
-    def _capture(self, fn: Callable[..., Any], inputs: Inputs, caches: list[KVCache]) -> _Captured | None:
-        before = [(c.length, c.all_valid) for c in caches]
+    def _capture(self, fn: Callable[..., Any], inputs: Inputs, caches: list[KVCache]) -> _Captured:
         static = tuple(None if t is None else t.clone() for t in inputs)
         if not self.cuda:
             outputs = fn(*static)
-            self.captures += 1
-            return _Captured(None, fn, static, outputs, [(c.length, c.all_valid) for c in caches])
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = fn(*static)
-        except RuntimeError as exc:  # an op that cannot be captured: stay eager rather than fail the job
-            for cache, (length, all_valid) in zip(caches, before, strict=True):
-                cache.length, cache.all_valid = length, all_valid
-            warnings.warn(f"CUDA graph capture failed, running eagerly from now on: {exc}", stacklevel=3)
-            self.enabled = False
-            self.clear()
-            return None
-        graph.replay()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    outputs = fn(*static)
+            except RuntimeError as exc:  # a failed capture leaves the CUDA allocator unusable: no fallback
+                raise RuntimeError(f"CUDA graph capture of a stage failed ({exc}); set model.cuda_graphs: false to "
+                                   "run eagerly") from exc
+            graph.replay()
         self.captures += 1
-        return _Captured(graph, fn, static, outputs, [(c.length, c.all_valid) for c in caches])
+        return _Captured(graph if self.cuda else None, fn, static, outputs, [(c.length, c.all_valid) for c in caches])
 
     def _replay(self, captured: _Captured, inputs: Inputs, caches: list[KVCache]) -> Any:
         for static, new in zip(captured.inputs, inputs, strict=True):

@@ -11,14 +11,15 @@ from sparsevar.generate import Request, generate
 
 SPARSE = SparseVARConfig(tau=0.5, start_stage=5, score_block=2, anchor_grid=4, normalize="quantile")
 DENSE = SPARSE.model_copy(update={"enabled": False})
-ONE = [Request("a red cat on a sofa", 1)]  # 15 and 16 text tokens: one text width of 16
+ONE = [Request("a red cat on a sofa", 1)]  # 15 and 16 text tokens: text width 32
 OTHER = [Request("mountains at dawn", 2)]
-PAIR = [Request("a red cat on a sofa", 3), Request("a lighthouse at dusk", 4, "blurry")]  # 21 tokens: width 32
+LONG = [Request("a lighthouse at dusk on a rocky coast with waves", 5)]  # 38 tokens: width 64, its own context
+PAIR = [Request("a red cat on a sofa", 3), Request("a lighthouse at dusk", 4, "blurry")]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    return write_checkpoints(tmp_path_factory.mktemp("infinity"), seed=0)
+    return write_checkpoints(tmp_path_factory.mktemp("infinity"), {"text_max_tokens": 64}, seed=0)
 
 
 def build(files, graphs: bool):
@@ -31,8 +32,9 @@ def pixels(results) -> list[bytes]:
 
 def test_replays_give_the_images_of_first_runs_across_prompts_batches_and_settings(files):
     backend = build(files, graphs=True)
-    sequence = [(ONE, SPARSE), (ONE, DENSE), (ONE, SPARSE), (OTHER, SPARSE), (OTHER, DENSE), (PAIR, SPARSE),
-                (PAIR, SPARSE), (ONE, DENSE), (ONE, DENSE), (OTHER, DENSE)]
+    sequence = [(ONE, SPARSE), (ONE, DENSE), (ONE, SPARSE), (OTHER, SPARSE), (OTHER, DENSE), (LONG, DENSE),
+                (LONG, DENSE), (ONE, DENSE), (PAIR, SPARSE), (PAIR, SPARSE), (ONE, DENSE), (ONE, DENSE),
+                (LONG, DENSE), (OTHER, DENSE)]
     for i, (requests, sv) in enumerate(sequence):
         got = generate(backend, requests, sv)
         fresh = generate(build(files, graphs=True), requests, sv)  # every stage a first, eager run
@@ -41,7 +43,7 @@ def test_replays_give_the_images_of_first_runs_across_prompts_batches_and_settin
     graphs = backend.graphs
     captures, replays = graphs.captures, graphs.replays
     generate(backend, ONE, DENSE)
-    assert graphs.enabled and (graphs.captures, graphs.replays) == (captures, replays + 7)  # every stage replays
+    assert (graphs.captures, graphs.replays) == (captures, replays + 7)  # every stage replays
 
 
 def test_dense_images_match_eager_mode_and_sparse_counts_round_up(files):

@@ -168,3 +168,4 @@ def test_gpu_bench_smoke_run(tmp_path):
         assert eager_or_graphs[0]["speedup"] == 1.0
         assert all(r["flops_ratio"] > 1 and r["kept_ratio"] < 1 for r in eager_or_graphs[1:])
     assert report["decode_experiment"]["max_abs_diff_255"] < 1
+    assert all(r["same_images_as_first_run"] for r in rows)

@@ -114,16 +114,27 @@ def decode_experiment(backend, runs: int) -> dict:
             "max_abs_diff_255": float((nchw - last).abs().max()) * 127.5}
 
 
+def batch_of(size: int, run: int) -> list[Request]:
+    """A batch of the run-th generation: prompts rotated and seeds moved every run, so that kept counts (and CUDA
+    graph keys) vary as in a real job."""
+    return [Request(PROMPTS[(i + run) % len(PROMPTS)], seed=1000 * run + i) for i in range(size)]
+
+
 def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) -> dict:
     """Median per-image latency and the figures of one setting, from `runs` warm generations."""
     device = backend.device
-    requests = [Request(PROMPTS[i % len(PROMPTS)], seed=i) for i in range(batch)]
-    for _ in range(warmup):
-        generate(backend, requests, sv, profile=True)
+    graphs = getattr(backend, "graphs", None)
+    warm = [generate(backend, batch_of(batch, -k), sv, profile=True) for k in range(1, warmup + 1)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    results: list[list[ImageResult]] = [generate(backend, requests, sv, profile=True) for _ in range(runs)]
+    before = (graphs.captures, graphs.replays) if graphs else None
+    results: list[list[ImageResult]] = [generate(backend, batch_of(batch, run), sv, profile=True)
+                                        for run in range(1, runs + 1)]
+    timed = [graphs.captures - before[0], graphs.replays - before[1]] if graphs else None
     images = results[0]
+    # The first generation again: with CUDA graphs it ran eagerly then, and replays now; the images must be equal.
+    again = generate(backend, batch_of(batch, -1 if warm else 1), sv)
+    same = all((a.pixels_HWC == b.pixels_HWC).all() for a, b in zip(warm[0] if warm else images, again, strict=True))
     first = first_sparse_stage(sv) or len(images[0].stages) + 1
     late = [s for img in images for s in img.stages if s.stage >= first]
     stages = [{"stage": s.stage, "grid": f"{s.height}x{s.width}", "tokens": s.tokens,
@@ -141,6 +152,8 @@ def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) ->
         "overhead_ms": sum(s["overhead_ms"] for s in stages),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "stages": stages,
+        "same_images_as_first_run": bool(same),
+        "graph_captures_replays_timed": timed,  # while timing: captures (each costs a sync) and replays
     }
 
 
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 for sv in svs:  # dense first
                     row = {"model": name, "batch": batch, "graphs": graphs, "mode": "sparse" if sv.enabled else "dense",
                            "normalize": sv.normalize if sv.enabled else None, "tau": sv.tau if sv.enabled else None,
-                           "sparsevar": sv.model_dump(), **measure(backend, batch, sv, warmup + graphs, runs)}
+                           "sparsevar": sv.model_dump(), **measure(backend, batch, sv, warmup + 2 * graphs, runs)}
                     if not sv.enabled:
                         dense_ms = row["latency_ms"]
                         if not graphs:

@@ -164,7 +164,7 @@ class HartBackend:
         if stage == 1:  # the context, with 1-D RoPE; the last position predicts the 1x1 map
             h_RTC, io = m(x_RnC, state.cond, rope_1d(state.context_pos_RT, hd), state.caches, None, capture_block)
             # Logits of every context token, then the last: the official products, so equal bytes on a CPU.
-            io = None if io is None else (io[0][:, -1:], io[1][:, -1:])
+            io = None if io is None else io[:, -1:]
             return m.logits(h_RTC.float(), state.cond)[:, -1:], io
         pn = state.schedule[stage - 1][0]
         x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]

@@ -16,6 +16,7 @@ from sparsevar.attention import KVCache
 from sparsevar.backends.hart.diffusion import DiffusionHead
 from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
 from sparsevar.backends.hart.rope import apply_rope
+from sparsevar.sparse import block_scores
 
 MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()
 TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # in the official files, unused by inference
@@ -166,14 +167,15 @@ class HartTransformer(nn.Module):
 
     def forward(self, x_RnC, cond: Conditioning, cos_sin_2RnD, caches: list[KVCache], valid_Rn,
                 capture_block: int | None):
-        """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s (in, out)."""
-        block_io = None
+        """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s per-token
+        change (`block_scores`)."""
+        change_Rn = None
         for i, (block, ctx, cache) in enumerate(zip(self.blocks, cond.blocks, caches, strict=True), start=1):
             x_in = x_RnC
             x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn)
             if i == capture_block:
-                block_io = (x_in, x_RnC)
-        return x_RnC, block_io
+                change_Rn = block_scores(x_in, x_RnC)
+        return x_RnC, change_Rn
 
     def logits(self, h_RnC: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.head(self.head_nm(h_RnC, cond.head)).float()

@@ -28,9 +28,11 @@ from sparsevar.state_dicts import check_entries, read_state_dict
 
 # Buffers of older official models that their loader drops before loading; they hold no weights.
 LEGACY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
-# With CUDA graphs, shapes are rounded so that graphs repeat across prompts and images (masks hide the padding).
-TEXT_MULTIPLE = 16  # text tokens
-KEPT_MULTIPLE = 64  # kept tokens of a sparse stage (extra tokens run; see `plan_stage`)
+# With CUDA graphs, shapes are rounded so that graphs repeat across prompts and images (masks hide the padding):
+# text to a power of two of at least MIN_TEXT_WIDTH tokens, kept counts up to a multiple of KEPT_MULTIPLE (the
+# extra tokens run; see `plan_stage`).
+MIN_TEXT_WIDTH = 32
+KEPT_MULTIPLE = 64
 
 
 @dataclass
@@ -40,6 +42,15 @@ class InfinityParts:
     transformer: Infinity
     vae: VAE
     text: T5Text
+
+
+@dataclass
+class _Workspace:
+    """What CUDA graphs read besides their inputs, kept across the generations of one batch shape: a state (its
+    caches) and one text context per text width, into which each generation copies its own."""
+
+    state: "InfinityState"
+    texts: dict[int, TextContext]
 
 
 @dataclass
@@ -84,7 +95,9 @@ class InfinityBackend:
         self.kept_multiple = KEPT_MULTIPLE if enabled else 1
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # No weight-cast cache (it would hold tensors a CUDA graph captured; our weights need no grad anyway).
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                              cache_enabled=False)
 
     def schedule(self, h_div_w: float) -> list[tuple[int, int]]:
         return schedule(h_div_w, self.cfg.resolution)
@@ -111,9 +124,10 @@ class InfinityBackend:
                 uncond_BTC = torch.where(has_neg_B1[..., None], neg_BTC, m.cfg_uncond[:width].expand(B, -1, -1))
                 uncond_mask = torch.where(has_neg_B1, neg_mask, mask_BT)
             text_BTC, mask_BT = torch.cat([text_BTC, uncond_BTC]), torch.cat([mask_BT, uncond_mask])
-        if self.graphs is not None:  # prompts of similar length share a text width, hence the stage graphs
-            width = min(-(-text_BTC.shape[1] // TEXT_MULTIPLE) * TEXT_MULTIPLE, self.cfg.text_max_tokens)
-            text_BTC, mask_BT = _pad_to(text_BTC, mask_BT, max(width, text_BTC.shape[1]))
+        if self.graphs is not None:  # few text widths, so that stage graphs repeat across prompts
+            width = max(MIN_TEXT_WIDTH, 1 << (text_BTC.shape[1] - 1).bit_length())
+            text_BTC, mask_BT = _pad_to(text_BTC, mask_BT, max(min(width, self.cfg.text_max_tokens),
+                                                               text_BTC.shape[1]))
         with self._autocast():
             sos_R1C, text = m.encode_text(text_BTC.float(), mask_BT, keep_mask=self.graphs is not None)
         grids = self.schedule(h_div_w)
@@ -130,15 +144,16 @@ class InfinityBackend:
 
         if self.graphs is None:
             return new_state()
-        # The graphs hold the workspace's caches and text context: a new generation copies its values in.
-        key = (B, branches, tuple(text_BTC.shape), tuple(grids))
-        state, new = self.graphs.workspace(key, new_state)
-        if not new:
-            torch._foreach_copy_(state.text.tensors(), text.tensors())
-            for cache in state.caches:
-                cache.reset()
-            state.sos_R1C = sos_R1C
-            state.f_hat_Bd1HW.zero_()
+        workspace = self.graphs.workspace((B, branches, tuple(grids), template(h_div_w)),
+                                          lambda: _Workspace(new_state(), {}))
+        kept = workspace.texts.setdefault(text_BTC.shape[1], text)
+        if kept is not text:
+            torch._foreach_copy_(kept.tensors(), text.tensors())
+        state = workspace.state
+        for cache in state.caches:
+            cache.reset()
+        state.text, state.sos_R1C = kept, sos_R1C
+        state.f_hat_Bd1HW.zero_()
         return state
 
     def _rope_table(self, h_div_w_template: float) -> torch.Tensor:
@@ -167,12 +182,12 @@ class InfinityBackend:
                 return self.model(x_RnC, stage, rope, caches, valid_Rn, text, capture_block)
 
         if self.graphs is None:
-            logits, block_io = run(x_RnC, rope, valid_Rn)
+            logits, change_Rn = run(x_RnC, rope, valid_Rn)
         else:
             key = (stage, tuple(x_RnC.shape), tuple(rope.shape), valid_Rn is None, capture_block, caches[0].length,
-                   caches[0].all_valid)
-            logits, block_io = self.graphs.run(key, run, (x_RnC, rope, valid_Rn), caches)
-        return logits.mul(self._inv_temperature), block_io
+                   caches[0].all_valid, tuple(text.mask_R11T.shape))  # the mask is kept in graph mode
+            logits, change_Rn = self.graphs.run(key, run, (x_RnC, rope, valid_Rn), caches)
+        return logits.mul(self._inv_temperature), change_Rn
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):
         h, w = state.schedule[stage - 1]

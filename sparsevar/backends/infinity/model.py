@@ -19,6 +19,7 @@ from torch import nn
 from sparsevar.attention import KVCache
 from sparsevar.backends.infinity.config import InfinityConfig
 from sparsevar.backends.infinity.schedule import apply_rope
+from sparsevar.sparse import block_scores
 
 EPS = 1e-6
 LEVELS = 15  # rows of the level embedding in the official model
@@ -249,19 +250,19 @@ class Infinity(nn.Module):
         return sos_R1C, TextContext(blocks, head, mask_R11T)
 
     def forward(self, x_RnC, stage, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block: int | None):
-        """Logits (R, n, 2 * bits) of a stage's tokens and, if asked, the input and output of block capture_block.
+        """Logits (R, n, 2 * bits) of a stage's tokens and, if asked, block capture_block's per-token change (R, n).
 
         x is the start token at stage 1 and raw codes afterwards; the level embedding is added once, before
         the first block.
         """
         x_RnC = x_RnC if stage == 1 else self.word_embed(x_RnC)
         x_RnC = x_RnC.float() + self.lvl_embed.weight[stage - 1]
-        block_io = None
+        change_Rn = None
         for i, (block, ctx, cache) in enumerate(zip(self.blocks, text.blocks, caches, strict=True), start=1):
             x_in = x_RnC
             x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T)
             if i == capture_block:
-                block_io = (x_in, x_RnC)
+                change_Rn = block_scores(x_in, x_RnC)
         with torch.autocast(x_RnC.device.type, enabled=False):
             logits = self.head(self.head_nm(x_RnC.float(), text.head))
-        return logits, block_io
+        return logits, change_Rn

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevar.attention import KVCache, apply_rope, attend
+from sparsevar.sparse import block_scores
 
 
 @dataclass
@@ -96,13 +97,13 @@ class TinyTransformer(nn.Module):
 
     def forward(self, x_RnC, stage, cond_R1C, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block):
         x_RnC = (x_RnC if stage == 1 else self.word_embed(x_RnC)) + self.lvl_embed.weight[stage - 1]
-        block_io = None
+        change_Rn = None
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
             x_in = x_RnC
             x_RnC = block(x_RnC, cond_R1C, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
             if i == capture_block:
-                block_io = (x_in, x_RnC)
-        return self.logits(x_RnC, cond_R1C), block_io
+                change_Rn = block_scores(x_in, x_RnC)
+        return self.logits(x_RnC, cond_R1C), change_Rn
 
     def logits(self, x_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
         shift, scale = self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1)
