@@ -14,6 +14,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def cuda_graphs_field():
+    """The `model.cuda_graphs` switch of the backends that support it (`sparsevar.graphs`)."""
+    return Field(False, description="replay each stage's transformer forward as a CUDA graph, for small batches "
+                 "where kernel launches set the time; kept counts are rounded up to a multiple of 64 (the extra "
+                 "tokens run) so that shapes repeat")
+
+
 class SparseVARConfig(StrictModel):
     """SparseVAR parameters, named and counted as in `shared/spec/sparsevar.md`."""
 

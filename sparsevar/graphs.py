@@ -112,3 +112,20 @@ class StageGraphs:
             cache.length, cache.all_valid = length, all_valid
         self.replays += 1
         return captured.outputs
+
+
+class GraphMode:
+    """The `cuda_graphs` switch of a backend: its StageGraphs (None: eager) and the kept-count rounding that
+    makes sparse stages repeat their shapes (`plan_stage`'s multiple; the extra tokens run)."""
+
+    KEPT_MULTIPLE = 64
+    device: torch.device
+    graphs: StageGraphs | None = None
+    kept_multiple = 1
+
+    def use_cuda_graphs(self, enabled: bool) -> None:
+        """Switch CUDA-graph mode (the config's `model.cuda_graphs`); switching frees any captured graphs."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.graphs = StageGraphs(self.device) if enabled else None
+        self.kept_multiple = self.KEPT_MULTIPLE if enabled else 1

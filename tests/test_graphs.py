@@ -52,3 +52,25 @@ def test_dense_images_match_eager_mode_and_sparse_counts_round_up(files):
     exact, rounded = generate(eager, ONE, SPARSE)[0].stages, generate(graphs, ONE, SPARSE)[0].stages
     for e, r in zip(exact[SPARSE.start_stage - 1:], rounded[SPARSE.start_stage - 1:], strict=True):
         assert r.kept == min(-(-e.kept // 64) * 64, r.tokens) >= e.kept
+
+
+def test_hart_replays_give_the_images_of_first_runs():
+    import torch
+
+    from sparsevar.backends.hart.backend import HartBackend
+    from sparsevar.backends.hart.config import HartConfig
+    from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, random_parts
+
+    cpu = torch.device("cpu")
+    parts = random_parts(TINY_ARCH, TINY_TOK, TextArch(hidden_size=TINY_ARCH.context_dim), cpu)
+    cfg = HartConfig(llm="-", tokenizer="-", text_encoder="-", cuda_graphs=True)
+
+    def build() -> HartBackend:
+        return HartBackend(cfg, SamplingConfig(cfg=4.5, top_p=1.0), parts, cpu)
+
+    backend = build()
+    sparse = SPARSE.model_copy(update={"start_stage": 4, "fill": "code"})
+    for requests, sv in [(ONE, sparse), (ONE, sparse), (OTHER, sparse), (PAIR, DENSE), (PAIR, DENSE), (PAIR, sparse),
+                         (ONE, DENSE), (ONE, DENSE), (OTHER, DENSE)]:
+        assert pixels(generate(backend, requests, sv)) == pixels(generate(build(), requests, sv)), requests[0]
+    assert backend.graphs.replays >= len(backend.schedule(1.0))

@@ -27,23 +27,22 @@ def infinity_backend(cuda_graphs: bool = False, dtype: torch.dtype = torch.float
     return InfinityBackend(cfg, SamplingConfig(cfg=4.0), InfinityParts(transformer, vae, text), cpu, dtype), 5
 
 
-def hart_backend(dtype: torch.dtype = torch.float32):
+def hart_backend(cuda_graphs: bool = False, dtype: torch.dtype = torch.float32):
     from sparsevar.backends.hart.backend import HartBackend
     from sparsevar.backends.hart.config import HartConfig
     from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, random_parts
 
     cpu = torch.device("cpu")
     parts = random_parts(TINY_ARCH, TINY_TOK, TextArch(hidden_size=TINY_ARCH.context_dim), cpu)
-    return HartBackend(HartConfig(llm="-", tokenizer="-", text_encoder="-"), SamplingConfig(cfg=4.5, top_p=1.0), parts,
-                       cpu, dtype), 4
+    return HartBackend(HartConfig(llm="-", tokenizer="-", text_encoder="-", cuda_graphs=cuda_graphs),
+                       SamplingConfig(cfg=4.5, top_p=1.0), parts, cpu, dtype), 4
 
 
-@pytest.fixture(scope="module", params=["infinity", "infinity-graphs", "hart"])
+@pytest.fixture(scope="module", params=["infinity", "infinity-graphs", "hart", "hart-graphs"])
 def backend(request):
     """With CUDA graphs a read inside a stage's forward would fail the capture: the emulated replays count too."""
-    if request.param == "hart":
-        return hart_backend()
-    return infinity_backend(cuda_graphs=request.param == "infinity-graphs")
+    make = hart_backend if request.param.startswith("hart") else infinity_backend
+    return make(cuda_graphs=request.param.endswith("graphs"))
 
 
 def stage_reads(backend, sv: SparseVARConfig, monkeypatch) -> int:

@@ -28,6 +28,7 @@ from sparsevar.backends.hart.text import QwenTextEncoder
 from sparsevar.backends.hart.tokenizer import TRAINING_ONLY, HybridTokenizer
 from sparsevar.backends.hart.transformer import Conditioning, HartTransformer
 from sparsevar.config import SamplingConfig
+from sparsevar.graphs import GraphMode
 from sparsevar.state_dicts import check_entries, read_state_dict
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes
@@ -96,9 +97,8 @@ def load_parts(cfg: HartConfig, device: torch.device, dtype: torch.dtype) -> Har
     return HartParts(arch, tok, load_transformer(cfg, arch, tok), load_tokenizer(cfg, tok), text)
 
 
-class HartBackend:
+class HartBackend(GraphMode):
     name = "hart"
-    kept_multiple = 1
 
     def __init__(self, cfg: HartConfig, sampling: SamplingConfig, parts: HartParts, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -117,6 +117,7 @@ class HartBackend:
         self.diffusion = ResidualSampler(self.arch.num_sampling_steps)
         self.depth, self.dim = self.arch.depth, self.arch.embed_dim
         self.block_params = sum(p.numel() for p in self.model.blocks[0].parameters())
+        self.use_cuda_graphs(cfg.cuda_graphs)
 
     def schedule(self, h_div_w: float) -> list[tuple[int, int]]:
         if abs(h_div_w - 1.0) > 1e-6:
@@ -141,13 +142,28 @@ class HartBackend:
             context_BTC, pos_BT = torch.cat([context_BTC, uncond_BTC]), torch.cat([pos_BT, uncond_pos_BT])
         branches = 2 if guided else 1
         sos_RTC = self.model.embed_context(context_BTC.to(self.dtype))
-        capacity = self.arch.total_tokens
-        caches = [KVCache(branches * B, self.arch.num_heads, capacity, self.arch.head_dim, self.device, self.dtype)
-                  for _ in range(self.depth)]
-        last = schedule[-1][0]
-        f_hat = torch.zeros(B, self.tok.z_channels, last, last, device=self.device)
-        return HartState(B, branches, schedule, sos_RTC + self.model.lvl_embed.weight[0],
-                         self.model.condition(sos_RTC.max(dim=1, keepdim=True).values), pos_BT, caches, f_hat)
+        x1_RTC = sos_RTC + self.model.lvl_embed.weight[0]
+        cond = self.model.condition(sos_RTC.max(dim=1, keepdim=True).values)
+
+        def new_state() -> HartState:
+            capacity = self.arch.total_tokens
+            caches = [KVCache(branches * B, self.arch.num_heads, capacity, self.arch.head_dim, self.device,
+                              self.dtype) for _ in range(self.depth)]
+            last = schedule[-1][0]
+            f_hat = torch.zeros(B, self.tok.z_channels, last, last, device=self.device)
+            return HartState(B, branches, schedule, x1_RTC, cond, pos_BT, caches, f_hat)
+
+        if self.graphs is None:
+            return new_state()
+        # The graphs read the workspace's caches and conditioning: a new generation copies its own in.
+        state = self.graphs.workspace((B, branches, tuple(schedule), tuple(x1_RTC.shape)), new_state)
+        if state.cond is not cond:
+            torch._foreach_copy_(state.cond.tensors(), cond.tensors())
+        for cache in state.caches:
+            cache.reset()
+        state.x1_RTC, state.context_pos_RT = x1_RTC, pos_BT
+        state.f_hat_BCHW.zero_()
+        return state
 
     def stage_input(self, state: HartState, stage: int) -> torch.Tensor:
         """Stage 1: the embedded context tokens (R, T, C). Later stages: f_hat at the stage's size (R, h*w, Cvae)."""
@@ -158,22 +174,29 @@ class HartBackend:
         return x_BLC.repeat(state.branches, 1, 1)
 
     def forward(self, state: HartState, x_RnC: torch.Tensor, stage: int, positions_Rn: torch.Tensor | None,
-                valid_Rn: torch.Tensor | None, capture_block: int | None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        m, hd = self.model, self.arch.head_dim
+                valid_Rn: torch.Tensor | None, capture_block: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, hd, cond, caches, last = self.model, self.arch.head_dim, state.cond, state.caches, len(state.schedule)
         if stage == 1:  # the context, with 1-D RoPE; the last position predicts the 1x1 map
-            h_RTC, io = m(x_RnC, state.cond, rope_1d(state.context_pos_RT, hd), state.caches, None, capture_block)
-            # Logits of every context token, then the last: the official products, so equal bytes on a CPU.
-            io = None if io is None else io[:, -1:]
-            return m.logits(h_RTC.float(), state.cond)[:, -1:], io
-        pn = state.schedule[stage - 1][0]
-        x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]
-        cos_sin = take(rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd), positions_Rn)
-        h_RnC, io = m(x_RnC, state.cond, cos_sin, state.caches, valid_Rn, capture_block)
-        logits_RnV = m.logits(h_RnC.float(), state.cond)
-        if stage < len(state.schedule):
-            return logits_RnV, io
-        return torch.cat([logits_RnV, h_RnC.float()], dim=-1), io
+            cos_sin = rope_1d(state.context_pos_RT, hd)
+        else:
+            pn = state.schedule[stage - 1][0]
+            cos_sin = take(rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd), positions_Rn)
+
+        def run(x_RnC, cos_sin, valid_Rn):
+            if stage == 1:
+                h_RTC, change = m(x_RnC, cond, cos_sin, caches, None, capture_block)
+                # Logits of every context token, then the last: the official products, so equal bytes on a CPU.
+                return m.logits(h_RTC.float(), cond)[:, -1:], None if change is None else change[:, -1:]
+            x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]
+            h_RnC, change = m(x_RnC, cond, cos_sin, caches, valid_Rn, capture_block)
+            logits_RnV = m.logits(h_RnC.float(), cond)
+            return (logits_RnV if stage < last else torch.cat([logits_RnV, h_RnC.float()], dim=-1)), change
+
+        if self.graphs is None:
+            return run(x_RnC, cos_sin, valid_Rn)
+        key = (stage, tuple(x_RnC.shape), tuple(cos_sin.shape), valid_Rn is None, capture_block, caches[0].length,
+               caches[0].all_valid)
+        return self.graphs.run(key, run, (x_RnC, cos_sin, valid_Rn), caches)
 
     def sample(self, state: HartState, pred_RnV: torch.Tensor, stage: int, generators: list[torch.Generator],
                positions_Bn: torch.Tensor | None) -> torch.Tensor:

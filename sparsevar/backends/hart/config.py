@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from sparsevar.config import StrictModel
+from sparsevar.config import StrictModel, cuda_graphs_field
 
 
 class HartConfig(StrictModel):
@@ -22,6 +22,7 @@ class HartConfig(StrictModel):
     system_prompt: bool = Field(True, description="encode prompts after the official system prompt, as "
                                                   "sample.py does (use_llm_system_prompt)")
     more_smooth: bool = Field(True, description="Gumbel-softmax token embeddings, on in the official sampler")
+    cuda_graphs: bool = cuda_graphs_field()
 
     def checkpoints(self) -> dict[str, tuple[str, str | None, int | None]]:
         """Checkpoint fields to resolve to local paths: field -> (uri, sha256, size); folders carry neither."""

@@ -40,6 +40,10 @@ class Conditioning:
     blocks: list[BlockContext]
     head: tuple[torch.Tensor, torch.Tensor]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in a fixed order: a conditioning kept for CUDA graphs takes a new generation's in one copy."""
+        return [t for b in self.blocks for t in (*b.ada, b.qkv_bias, b.qk_scale)] + [*self.head]
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) in float32, cast back, times the weight: the official fused kernel's result."""

@@ -22,17 +22,15 @@ from sparsevar.backends.infinity.schedule import rope_table, schedule, stage_off
 from sparsevar.backends.infinity.text import T5Text
 from sparsevar.backends.infinity.vae import VAE, constant_entries
 from sparsevar.config import SamplingConfig
-from sparsevar.graphs import StageGraphs
+from sparsevar.graphs import GraphMode
 from sparsevar.sampling import sample_bits
 from sparsevar.state_dicts import check_entries, read_state_dict
 
 # Buffers of older official models that their loader drops before loading; they hold no weights.
 LEGACY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
-# With CUDA graphs, shapes are rounded so that graphs repeat across prompts and images (masks hide the padding):
-# text to a power of two of at least MIN_TEXT_WIDTH tokens, kept counts up to a multiple of KEPT_MULTIPLE (the
-# extra tokens run; see `plan_stage`).
+# With CUDA graphs, text is padded to a power of two of at least this many tokens (masked: the same values), so
+# that stage graphs repeat across prompts.
 MIN_TEXT_WIDTH = 32
-KEPT_MULTIPLE = 64
 
 
 @dataclass
@@ -68,7 +66,7 @@ class InfinityState:
     f_hat_Bd1HW: torch.Tensor
 
 
-class InfinityBackend:
+class InfinityBackend(GraphMode):
     name = "infinity"
 
     def __init__(self, cfg: InfinityConfig, sampling: SamplingConfig, parts: InfinityParts, device: torch.device,
@@ -84,15 +82,7 @@ class InfinityBackend:
         self._inv_temperature = 1 / sampling.temperature
         self._sampling = sampling.model_copy(update={"temperature": 1.0})
         self._rope: dict[float, torch.Tensor] = {}
-        self.graphs: StageGraphs | None = None
         self.use_cuda_graphs(cfg.cuda_graphs)
-
-    def use_cuda_graphs(self, enabled: bool) -> None:
-        """Switch CUDA-graph mode (`InfinityConfig.cuda_graphs`); switching frees any captured graphs."""
-        if self.graphs is not None:
-            self.graphs.clear()
-        self.graphs = StageGraphs(self.device) if enabled else None
-        self.kept_multiple = KEPT_MULTIPLE if enabled else 1
 
     def _autocast(self):
         # No weight-cast cache (it would hold tensors a CUDA graph captured; our weights need no grad anyway).

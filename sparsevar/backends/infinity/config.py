@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from sparsevar.config import StrictModel
+from sparsevar.config import StrictModel, cuda_graphs_field
 
 Resolution = Literal["0.06M", "0.25M", "0.60M", "1M"]
 
@@ -39,9 +39,7 @@ class InfinityConfig(StrictModel):
     vae_channel_mult: list[int] = Field(default=[1, 2, 4, 4, 4], min_length=1)
     vae_res_blocks: int = Field(2, ge=1)
     resolution: Resolution = Field("1M", description="official `pn`: 1M is the 13-stage 1024-level schedule")
-    cuda_graphs: bool = Field(False, description="replay each stage's transformer forward as a CUDA graph (for "
-                              "small batches, where launches dominate); text is padded to a multiple of 16 tokens "
-                              "and kept counts are rounded up to a multiple of 64 so that shapes repeat")
+    cuda_graphs: bool = cuda_graphs_field()
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "InfinityConfig":
