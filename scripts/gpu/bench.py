@@ -241,30 +241,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_experiment and "infinity-2b" in backends:
         meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3))
         log(f"infinity-2b VAE decode, one image: {meta['decode_experiment']}")
-    for batch in batches:
-        for name, (backend, svs) in backends.items():
-            modes = [False, True] if args.cuda_graphs and hasattr(backend, "use_cuda_graphs") else [False]
-            for graphs in modes:
-                if graphs:
-                    backend.use_cuda_graphs(True)
-                for sv in svs:  # dense first
-                    row = {"model": name, "batch": batch, "graphs": graphs, "mode": "sparse" if sv.enabled else "dense",
-                           "normalize": sv.normalize if sv.enabled else None, "tau": sv.tau if sv.enabled else None,
-                           "sparsevar": sv.model_dump(), **measure(backend, batch, sv, warmup + 2 * graphs, runs)}
-                    if not sv.enabled:
-                        dense_ms = row["latency_ms"]
-                        if not graphs:
-                            eager_dense_ms = dense_ms
-                    row["speedup"] = dense_ms / row["latency_ms"]
-                    row["speedup_vs_eager_dense"] = eager_dense_ms / row["latency_ms"]
-                    row["efficiency"] = row["speedup"] / row["flops_ratio"]
-                    rows.append(row)
-                    log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
-                        f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
-                        f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
+    eager_dense_ms: dict[tuple[str, int], float] = {}
+    # Every eager row first, so that a failing graph capture (the process's CUDA allocator is unusable after
+    # one) cannot cost them; the graph rows then run model by model, and an error ends only that model's.
+    for graphs in [False, True] if args.cuda_graphs else [False]:
+        for batch in batches:
+            for name, (backend, svs) in backends.items():
+                if graphs and not hasattr(backend, "use_cuda_graphs") or meta.get(f"{name}_graph_error"):
+                    continue
+                try:
+                    if graphs:
+                        backend.use_cuda_graphs(True)
+                    for sv in svs:  # dense first
+                        row = {"model": name, "batch": batch, "graphs": graphs,
+                               "mode": "sparse" if sv.enabled else "dense",
+                               "normalize": sv.normalize if sv.enabled else None,
+                               "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(),
+                               **measure(backend, batch, sv, warmup + 2 * graphs, runs)}
+                        if not sv.enabled:
+                            dense_ms = row["latency_ms"]
+                            eager_dense_ms.setdefault((name, batch), dense_ms)
+                        row["speedup"] = dense_ms / row["latency_ms"]
+                        row["speedup_vs_eager_dense"] = eager_dense_ms[name, batch] / row["latency_ms"]
+                        row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                        rows.append(row)
+                        log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
+                            f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
+                            f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
+                        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+                    if graphs:
+                        backend.use_cuda_graphs(False)  # frees the workspace before the next batch size
+                except RuntimeError as exc:
+                    if not graphs:
+                        raise
+                    meta[f"{name}_graph_error"] = f"batch {batch}: {exc}"
+                    log(f"{name} B={batch} with CUDA graphs failed: {exc}")
                     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
-                if graphs:
-                    backend.use_cuda_graphs(False)  # frees the workspace before the next batch size
     print(f"\n{meta['device']}, {dtype}, CFG on, median of {runs} runs after {warmup} warm-up\n\n{table(rows)}",
           flush=True)
     return 0
