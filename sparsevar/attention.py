@@ -4,6 +4,8 @@ evaluated at true grid positions, so a sparse stage attends exactly like the den
 import torch
 import torch.nn.functional as F
 
+MAX_LOG_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # cap of the learned cosine-attention temperature
+
 
 class KVCache:
     """Keys and values of one attention layer across the stages of one generation.
@@ -44,6 +46,15 @@ class KVCache:
     def valid_count(self) -> torch.Tensor:
         """Valid cached tokens per row, for tests and statistics."""
         return self.valid_RL[:, : self.length].sum(dim=1)
+
+
+def cosine_attention_constants(q_bias: torch.Tensor, zero_k_bias: torch.Tensor, v_bias: torch.Tensor,
+                               scale_mul_1H11: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For Infinity's and HART's cosine attention: the qkv bias (no key bias) and the scales of the normalised
+    queries and keys, (2, 1, H, 1, 1): the query's exp(min(scale_mul, ln 100)), the key's 1 (exact), so that one
+    multiply serves both."""
+    scale_1H11 = scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+    return torch.cat([q_bias, zero_k_bias, v_bias]), torch.stack([scale_1H11, torch.ones_like(scale_1H11)])
 
 
 def rope_2d_table(h: int, w: int, head_dim: int, grid: tuple[int, int], base: float = 10000.0) -> torch.Tensor:

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsevar.attention import KVCache
+from sparsevar.attention import KVCache, cosine_attention_constants
 from sparsevar.backends.hart.diffusion import DiffusionHead
 from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
 from sparsevar.backends.hart.rope import apply_rope
 from sparsevar.sparse import block_scores
 
-MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()
 TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # in the official files, unused by inference
 
 
@@ -70,11 +69,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The qkv bias (no key bias) and the scales of the normalised queries and keys, (2, 1, H, 1, 1): the
-        query's exp(min(scale_mul, ln 100)), the key's 1 (exact), so that one multiply serves both."""
-        scale_1H11 = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
-        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), torch.stack(
-            [scale_1H11, torch.ones_like(scale_1H11)])
+        return cosine_attention_constants(self.q_bias, self.zero_k_bias, self.v_bias, self.scale_mul_1H11)
 
     def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
         """Queries and keys are normalised, scaled and rotated as one tensor: the same values as one at a time,

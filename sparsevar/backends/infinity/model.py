@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsevar.attention import KVCache
+from sparsevar.attention import KVCache, cosine_attention_constants
 from sparsevar.backends.infinity.config import InfinityConfig
 from sparsevar.backends.infinity.schedule import apply_rope
 from sparsevar.sparse import block_scores
 
 EPS = 1e-6
 LEVELS = 15  # rows of the level embedding in the official model
-MAX_LOG_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # cap of the learned cosine-attention temperature
 
 
 @dataclass
@@ -82,11 +81,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The qkv bias (no key bias) and the scales of the normalised queries and keys, (2, 1, H, 1, 1): the
-        query's exp(min(scale_mul, ln 100)), the key's 1 (exact), so that one multiply serves both."""
-        scale_1H11 = self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
-        return torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]), torch.stack(
-            [scale_1H11, torch.ones_like(scale_1H11)])
+        return cosine_attention_constants(self.q_bias, self.zero_k_bias, self.v_bias, self.scale_mul_1H11)
 
     def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
         """Queries and keys are normalised, scaled and rotated as one tensor: the same values as one at a time,
