@@ -3,7 +3,7 @@
 Validated with pydantic so that an unknown key or a bad value is rejected, by name, before any work starts.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,7 +14,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def cuda_graphs_field():
+def cuda_graphs_field() -> Any:
     """The `model.cuda_graphs` switch of the backends that support it (`sparsevar.graphs`)."""
     return Field(False, description="replay each stage's transformer forward as a CUDA graph, for small batches "
                  "where kernel launches set the time; kept counts are rounded up to a multiple of 64 (the extra "

@@ -13,6 +13,7 @@ On a CPU there is nothing to capture: the same bookkeeping runs and a "replay" c
 static inputs, so tests exercise what a GPU replays (stale workspace tensors give wrong images there too).
 """
 
+import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,8 @@ class StageGraphs:
             captured.graph.replay()
         else:
             _copy_into(captured.outputs, captured.fn(*captured.inputs))
+            for cache in caches:  # the closure's bookkeeping ran; a GPU replay's comes from caches_after only
+                cache.length, cache.all_valid = -1, None
         for cache, (length, all_valid) in zip(caches, captured.caches_after, strict=True):
             cache.length, cache.all_valid = length, all_valid
         self.replays += 1
@@ -125,6 +128,9 @@ class GraphMode:
 
     def use_cuda_graphs(self, enabled: bool) -> None:
         """Switch CUDA-graph mode (the config's `model.cuda_graphs`); switching frees any captured graphs."""
+        if enabled and self.device.type != "cuda":
+            warnings.warn("model.cuda_graphs on a CPU only emulates replays (for tests): it is no faster, and it "
+                          "rounds kept counts up; set it false", stacklevel=2)
         if self.graphs is not None:
             self.graphs.clear()
         self.graphs = StageGraphs(self.device) if enabled else None

@@ -69,7 +69,7 @@ def anchor_layout(h: int, w: int, alpha: int, device: torch.device | str = "cpu"
 class KeepPlan:
     """Which tokens of one stage run through the transformer, and where each token takes its prediction.
 
-    keep_BL: token runs (score >= τ, or anchor).
+    keep_BL: token runs (score >= τ, or anchor, or one of the best-scoring extras that round its count up).
     kept_idx_Bn: flat positions of the kept tokens in ascending order, padded with 0 to the batch maximum.
     valid_Bn: False on padding; None when no image needed padding.
     src_idx_BL: for each token, its index in the kept list: its own if kept, else its anchor's; -1 for none.
@@ -105,11 +105,11 @@ def plan_stage(
         if is_anchor_L is None:
             is_anchor_L = anchor_of_L == torch.arange(anchor_of_L.numel(), device=anchor_of_L.device)
         keep_BL = keep_BL | is_anchor_L
-    if multiple > 1:
-        target_B = ((keep_BL.sum(dim=1) + multiple - 1) // multiple * multiple).clamp(max=keep_BL.shape[1])
-        priority_BL = keep_BL.double() * 2 + score_BL.double()  # kept tokens first, then by score; scores <= 1
-        rank_BL = priority_BL.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-        keep_BL = rank_BL < target_B[:, None]
+    if multiple > 1:  # a target past the grid keeps every token
+        target_B = (keep_BL.sum(dim=1) + multiple - 1) // multiple * multiple
+        priority_BL = torch.where(keep_BL, torch.inf, score_BL.double().nan_to_num(nan=-torch.inf))
+        order_BL = priority_BL.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        keep_BL = order_BL < target_B[:, None]
     counts_B = keep_BL.sum(dim=1)
     counts = tuple(counts_B.tolist())
     n = max(counts)

@@ -1,5 +1,5 @@
-"""CUDA-graph mode of the Infinity backend (`model.cuda_graphs`), on the CPU: the same workspace, keys and
-bookkeeping run, and a replay calls the closure captured with the first generation's tensors, so an input a
+"""CUDA-graph mode of the Infinity and HART backends (`model.cuda_graphs`), on the CPU: the same workspace, keys
+and bookkeeping run, and a replay calls the closure captured with the first generation's tensors, so an input a
 replay would read stale on a GPU gives a wrong image here too."""
 
 import pytest
@@ -74,3 +74,28 @@ def test_hart_replays_give_the_images_of_first_runs():
                          (ONE, DENSE), (ONE, DENSE), (OTHER, DENSE)]:
         assert pixels(generate(backend, requests, sv)) == pixels(generate(build(), requests, sv)), requests[0]
     assert backend.graphs.replays >= len(backend.schedule(1.0))
+
+
+def test_stage_graphs_capture_on_second_sight_and_restore_the_cache_bookkeeping():
+    import torch
+
+    from sparsevar.attention import KVCache
+    from sparsevar.graphs import StageGraphs
+
+    graphs, cache = StageGraphs(torch.device("cpu"), max_graphs=1), KVCache(1, 1, 8, 4, "cpu", torch.float32)
+
+    def forward(x_R1C: torch.Tensor) -> tuple[torch.Tensor]:
+        cache.extend(x_R1C[:, None].expand(1, 1, 2, 4), x_R1C[:, None].expand(1, 1, 2, 4), None)
+        return (x_R1C * 2,)
+
+    outputs = []
+    for value in (1.0, 2.0, 3.0):  # first run eager, second captured, third replayed
+        cache.reset()
+        outputs.append(graphs.run("a", forward, (torch.full((1, 1, 4), value),), [cache]))
+        assert cache.length == 2 and outputs[-1][0][0, 0, 0].item() == 2 * value
+    assert outputs[2] is outputs[1] and (graphs.captures, graphs.replays) == (1, 1)  # a replay reuses its outputs
+    cache.reset()
+    graphs.run("b", forward, (torch.ones(1, 1, 4),), [cache])
+    cache.reset()
+    graphs.run("b", forward, (torch.ones(1, 1, 4),), [cache])  # seen twice, but max_graphs: stays eager
+    assert graphs.captures == 1

@@ -86,21 +86,29 @@ def test_plan_pads_kept_lists_and_points_excluded_tokens_at_their_anchor():
     assert plan.src_idx_BL[1].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
 
 
-def test_rounded_counts_add_each_images_best_excluded_tokens():
-    """CUDA graphs round kept counts up (plan_stage's multiple): the extra tokens are the best-scoring excluded."""
-    anchor_of, is_anchor = anchor_layout(8, 8, 4)  # 4 anchors
+@pytest.mark.parametrize("alpha", [4, 0])
+def test_rounded_counts_add_each_images_best_excluded_tokens(alpha):
+    """CUDA graphs round kept counts up (plan_stage's multiple): the extra tokens are the best-scoring excluded,
+    every token that met τ or is an anchor stays, and excluded tokens still take their anchor's row."""
+    anchor_of, is_anchor = anchor_layout(8, 8, 4) if alpha else (None, None)
     score = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))
+    score[0, 5] = 0.7  # exactly at τ: kept
+    score[1, 9] = float("nan")  # never displaces a kept token
     score[2] = 1.0  # every token kept: no rounding past the grid
-    exact, rounded = plan_stage(score, 0.7, anchor_of, is_anchor), plan_stage(score, 0.7, anchor_of, is_anchor,
-                                                                              multiple=16)
-    assert [-(-c // 16) * 16 for c in exact.counts[:2]] + [64] == list(rounded.counts)
+    exact = plan_stage(score, 0.7, anchor_of, is_anchor)
+    rounded = plan_stage(score, 0.7, anchor_of, is_anchor, multiple=16)
+    assert list(rounded.counts) == [-(-c // 16) * 16 for c in exact.counts[:2]] + [64]
+    assert bool(rounded.keep_BL[0, 5])
     for b in range(2):
         assert bool((rounded.keep_BL[b] >= exact.keep_BL[b]).all())
-        extra = rounded.keep_BL[b] & ~exact.keep_BL[b]
-        left_out = ~rounded.keep_BL[b]
-        assert score[b][extra].min() >= score[b][left_out].max()
-    assert rounded.valid_Bn is not None  # images still pad to the batch's largest count
-    assert (rounded.src_idx_BL >= 0).all()
+        extra, left_out = rounded.keep_BL[b] & ~exact.keep_BL[b], ~rounded.keep_BL[b]
+        if extra.any():
+            assert score[b][extra].nan_to_num(-1).min() >= score[b][left_out].nan_to_num(-1).max()
+        kept_positions = rounded.kept_idx_Bn[b][: rounded.counts[b]].tolist()
+        for token in left_out.nonzero().flatten().tolist():
+            source = rounded.src_idx_BL[b, token].item()
+            assert source == (kept_positions.index(int(anchor_of[token])) if alpha else -1)
+    assert rounded.has_sources == bool(alpha)
 
 
 def test_without_anchors_excluded_tokens_have_no_source():
@@ -150,3 +158,14 @@ def test_rope_at_gathered_positions_equals_rope_of_the_full_grid_gathered():
     # positions are scaled to the last grid: stage (2, 2) token (1, 1) sits where (4, 4)'s token (2, 2) does
     coarse = rope_2d_table(2, 2, 8, (8, 8))
     assert torch.allclose(coarse[:, 3], table[:, 2 * 4 + 2])
+
+
+def test_a_reset_cache_forgets_the_padding_of_the_last_generation():
+    cache = KVCache(rows=1, heads=1, capacity=6, head_dim=4, device="cpu", dtype=torch.float32)
+    k = torch.zeros(1, 1, 3, 4)
+    cache.extend(k, k, torch.tensor([[True, False, False]]))
+    cache.reset()
+    _, _, mask = cache.extend(k, k, None)  # dense: attends to all, and later masks must agree
+    assert mask is None
+    _, _, mask = cache.extend(k, k, torch.tensor([[True, True, False]]))
+    assert mask.flatten().tolist() == [True, True, True, True, True, False]

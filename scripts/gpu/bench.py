@@ -242,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3))
         log(f"infinity-2b VAE decode, one image: {meta['decode_experiment']}")
     eager_dense_ms: dict[tuple[str, int], float] = {}
-    # Every eager row first, so that a failing graph capture (the process's CUDA allocator is unusable after
-    # one) cannot cost them; the graph rows then run model by model, and an error ends only that model's.
+    # Every eager row first, so that a failing graph capture cannot cost them: after one, PyTorch's allocator may
+    # be unusable. The graph rows come after, and an error ends that model's; the next model's are still tried
+    # (whatever they report then is recorded next to the first error).
     for graphs in [False, True] if args.cuda_graphs else [False]:
         for batch in batches:
             for name, (backend, svs) in backends.items():
-                if graphs and not hasattr(backend, "use_cuda_graphs") or meta.get(f"{name}_graph_error"):
+                if (graphs and not hasattr(backend, "use_cuda_graphs")) or meta.get(f"{name}_graph_error"):
                     continue
                 try:
                     if graphs:
@@ -269,14 +270,15 @@ def main(argv: list[str] | None = None) -> int:
                             f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
                             f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
                         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
-                    if graphs:
-                        backend.use_cuda_graphs(False)  # frees the workspace before the next batch size
                 except RuntimeError as exc:
                     if not graphs:
                         raise
                     meta[f"{name}_graph_error"] = f"batch {batch}: {exc}"
                     log(f"{name} B={batch} with CUDA graphs failed: {exc}")
                     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+                finally:
+                    if graphs:
+                        backend.use_cuda_graphs(False)  # frees the workspace before the next model or batch
     print(f"\n{meta['device']}, {dtype}, CFG on, median of {runs} runs after {warmup} warm-up\n\n{table(rows)}",
           flush=True)
     return 0

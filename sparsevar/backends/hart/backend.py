@@ -182,15 +182,16 @@ class HartBackend(GraphMode):
             pn = state.schedule[stage - 1][0]
             cos_sin = take(rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd), positions_Rn)
 
-        def run(x_RnC, cos_sin, valid_Rn):
+        def run(x_RnC: torch.Tensor, cos_sin: torch.Tensor, valid_Rn: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
             if stage == 1:
-                h_RTC, change = m(x_RnC, cond, cos_sin, caches, None, capture_block)
+                h_RTC, change_RT = m(x_RnC, cond, cos_sin, caches, None, capture_block)
                 # Logits of every context token, then the last: the official products, so equal bytes on a CPU.
-                return m.logits(h_RTC.float(), cond)[:, -1:], None if change is None else change[:, -1:]
+                return m.logits(h_RTC.float(), cond)[:, -1:], None if change_RT is None else change_RT[:, -1:]
             x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]
-            h_RnC, change = m(x_RnC, cond, cos_sin, caches, valid_Rn, capture_block)
+            h_RnC, change_Rn = m(x_RnC, cond, cos_sin, caches, valid_Rn, capture_block)
             logits_RnV = m.logits(h_RnC.float(), cond)
-            return (logits_RnV if stage < last else torch.cat([logits_RnV, h_RnC.float()], dim=-1)), change
+            return (logits_RnV if stage < last else torch.cat([logits_RnV, h_RnC.float()], dim=-1)), change_Rn
 
         if self.graphs is None:
             return run(x_RnC, cos_sin, valid_Rn)

@@ -167,7 +167,8 @@ class InfinityBackend(GraphMode):
         rope = table_2Ld[:, None] if positions_Rn is None else table_2Ld[:, positions_Rn]
         caches, text = state.caches, state.text
 
-        def run(x_RnC, rope, valid_Rn):
+        def run(x_RnC: torch.Tensor, rope: torch.Tensor, valid_Rn: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
             with self._autocast():
                 return self.model(x_RnC, stage, rope, caches, valid_Rn, text, capture_block)
 

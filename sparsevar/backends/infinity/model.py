@@ -81,6 +81,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The qkv bias and the query and key scales, as forward takes them; computed once per generation."""
         return cosine_attention_constants(self.q_bias, self.zero_k_bias, self.v_bias, self.scale_mul_1H11)
 
     def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
