@@ -135,3 +135,26 @@ def test_random_selection_baseline_is_seeded_and_replaces_the_frequency_scores(b
     first, again = generate(backend, REQUESTS[:2], random), generate(backend, REQUESTS[:2], random)
     assert pixels(first) == pixels(again)
     assert pixels(first) != pixels(generate(backend, REQUESTS[:2], sv))
+
+
+def test_the_conditional_rows_score_the_next_stage(backend, monkeypatch):
+    """With guidance a forward has conditional rows, then unconditional ones; the spec scores the former."""
+    requests, B = REQUESTS[:2], 2
+    baseline = [s.kept for r in generate(backend, requests, SPARSE) for s in r.stages]
+    forward = type(backend).forward
+
+    def zeroed(rows: slice):
+        def forward_with_zero_change(self, *args):
+            pred, change_Rn = forward(self, *args)
+            if change_Rn is not None:
+                change_Rn = change_Rn.clone()
+                change_Rn[rows] = 0.0
+            return pred, change_Rn
+        return forward_with_zero_change
+
+    monkeypatch.setattr(type(backend), "forward", zeroed(slice(B, None)))  # the unconditional rows: no effect
+    assert [s.kept for r in generate(backend, requests, SPARSE) for s in r.stages] == baseline
+    monkeypatch.setattr(type(backend), "forward", zeroed(slice(0, B)))  # flat scores: only the anchors run
+    for result in generate(backend, requests, SPARSE):
+        for s in result.stages[SPARSE.start_stage - 1:]:
+            assert s.kept == math.ceil(s.height / 4) * math.ceil(s.width / 4), s
