@@ -53,7 +53,9 @@ def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
     (tmp_path / "metadata").mkdir()
     pq.write_table(metadata_table(rows), tmp_path / "metadata" / "run1.parquet")
     (tmp_path / "metadata" / "cut-off.parquet").write_bytes(b"PAR1 truncated")
+    (tmp_path / "metadata" / "_run1.parquet.0123abcd.tmp").write_bytes(b"PAR1 half a rewrite")
     done, recorded = completed_keys(str(tmp_path))
+    assert not (tmp_path / "metadata" / "_run1.parquet.0123abcd.tmp").exists()
     assert done == {("a", 1)}
     run1 = str(tmp_path / "metadata" / "run1.parquet")
     assert recorded == {("a", 1): {run1}, ("b", 1): {run1}, ("c", 1): {run1}}

@@ -65,10 +65,15 @@ def mark_duplicates(prompts: pa.Table) -> pa.Table:
 def recorded_tables(output: str, endpoint_url: str | None, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
     """(path, table of `columns`) for each metadata file; a column a file lacks (written before it existed) is
     null. A file that cannot be read (a write cut off by a crash) is moved to `metadata/_unreadable/`, which
-    readers skip; its rows count as never recorded."""
+    readers skip; its rows count as never recorded. A hidden rewrite (`_take_out`) cut off before its rename is
+    deleted: the file it would have replaced still holds every row."""
     filesystem, root = resolve(output, endpoint_url)
     folder = join(root, METADATA_DIR)
     for info in filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True)):
+        if info.type == fs.FileType.File and info.base_name.startswith("_") and info.base_name.endswith(".tmp"):
+            log.warning("deleting %s, a metadata rewrite cut off by a crash", info.path)
+            filesystem.delete_file(info.path)
+            continue
         if info.type != fs.FileType.File or not info.base_name.endswith(".parquet") or info.base_name[0] in "._":
             continue
         try:
