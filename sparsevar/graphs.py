@@ -71,8 +71,11 @@ class StageGraphs:
         self._workspace_key = self._workspace = None
 
     def run(self, key: Hashable, fn: Callable[..., Any], inputs: Inputs, caches: list[KVCache]) -> Any:
-        """fn(*inputs), replayed from a graph once `key` has run before. `key` must determine every shape, every
-        tensor fn reads besides its inputs, and every cache's length and mask state before the call."""
+        """fn(*inputs), replayed from a graph once it has run before with the same key. `key` must determine every
+        tensor fn reads besides its inputs and its Python branches; the inputs' shapes and the caches' length and
+        mask state are added to it here."""
+        key = (key, tuple(None if t is None else tuple(t.shape) for t in inputs), caches[0].length,
+               caches[0].all_valid)
         captured = self._graphs.get(key)
         if captured is not None:
             return self._replay(captured, inputs, caches)

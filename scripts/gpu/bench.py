@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
 
+    def save() -> None:  # after every row, so that a run cut short keeps what it measured
+        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
     backends = {}  # all built first, then batch by batch, so that a run cut short still covers every model
     for name in args.models:
         config = yaml.safe_load((REPO / MODELS[name]).read_text())
@@ -269,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
                             f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
                             f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
-                        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+                        save()
                 except RuntimeError as exc:
                     if not graphs:
                         raise
                     meta[f"{name}_graph_error"] = f"batch {batch}: {exc}"
                     log(f"{name} B={batch} with CUDA graphs failed: {exc}")
-                    Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+                    save()
                 finally:
                     if graphs:
                         backend.use_cuda_graphs(False)  # frees the workspace before the next model or batch

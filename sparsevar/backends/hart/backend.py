@@ -195,9 +195,7 @@ class HartBackend(GraphMode):
 
         if self.graphs is None:
             return run(x_RnC, cos_sin, valid_Rn)
-        key = (stage, tuple(x_RnC.shape), tuple(cos_sin.shape), valid_Rn is None, capture_block, caches[0].length,
-               caches[0].all_valid)
-        return self.graphs.run(key, run, (x_RnC, cos_sin, valid_Rn), caches)
+        return self.graphs.run((stage, capture_block), run, (x_RnC, cos_sin, valid_Rn), caches)
 
     def sample(self, state: HartState, pred_RnV: torch.Tensor, stage: int, generators: list[torch.Generator],
                positions_Bn: torch.Tensor | None) -> torch.Tensor:

@@ -175,8 +175,7 @@ class InfinityBackend(GraphMode):
         if self.graphs is None:
             logits, change_Rn = run(x_RnC, rope, valid_Rn)
         else:
-            key = (stage, tuple(x_RnC.shape), tuple(rope.shape), valid_Rn is None, capture_block, caches[0].length,
-                   caches[0].all_valid, tuple(text.mask_R11T.shape))  # the mask is kept in graph mode
+            key = (stage, capture_block, tuple(text.mask_R11T.shape))  # the text context of its width
             logits, change_Rn = self.graphs.run(key, run, (x_RnC, rope, valid_Rn), caches)
         return logits.mul(self._inv_temperature), change_Rn
 
