@@ -99,3 +99,53 @@ def test_stage_graphs_capture_on_second_sight_and_restore_the_cache_bookkeeping(
     cache.reset()
     graphs.run("b", forward, (torch.ones(1, 1, 4),), [cache])  # seen twice, but max_graphs: stays eager
     assert graphs.captures == 1
+
+
+class CaptureUnsafeOps:
+    """A dispatch mode that records ops a CUDA graph capture rejects or silently freezes: host reads, ops whose
+    output shape depends on values (they synchronise), tensors made from Python data (a host-to-device copy) and
+    random draws (a capture fixes the generator's offset)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+               "unique_consecutive", "equal", "is_nonzero", "lift_fresh", "multinomial", "uniform_", "normal_",
+               "bernoulli", "bernoulli_", "exponential_", "randn", "rand", "randint", "randperm", "random_"}
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        found: list[str] = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import torch
+
+                name = func.overloadpacket.__name__
+                bool_index = name in {"index", "index_put_", "index_put"} and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+                no_size = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
+                if name in CaptureUnsafeOps.SYNCING or bool_index or no_size:
+                    found.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.found = Mode(), found
+
+
+@pytest.mark.parametrize("model", ["infinity", "hart"])
+def test_captured_forwards_hold_only_ops_a_cuda_graph_can_capture(files, model, monkeypatch):
+    from sparsevar.graphs import StageGraphs
+    from tests.test_hot_path import hart_backend
+
+    unsafe, capture = CaptureUnsafeOps(), StageGraphs._capture
+
+    def guarded(self, fn, inputs, caches):
+        with unsafe.mode:
+            return capture(self, fn, inputs, caches)
+
+    monkeypatch.setattr(StageGraphs, "_capture", guarded)
+    backend, start = (build(files, graphs=True), 5) if model == "infinity" else (hart_backend(True)[0], 4)
+    for sv in (DENSE, SPARSE.model_copy(update={"start_stage": start}),
+               SPARSE.model_copy(update={"start_stage": start, "normalize": "minmax", "fill": "code"})):
+        for _ in range(2):
+            generate(backend, PAIR, sv)
+    assert backend.graphs.captures >= len(backend.schedule(1.0))
+    assert unsafe.found == []
