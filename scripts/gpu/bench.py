@@ -81,10 +81,15 @@ def settings(name: str, sv: SparseVARConfig, smoke: bool) -> list[SparseVARConfi
     return [sv.model_copy(update={"enabled": False}), *([quantile, sv] if sv.normalize != "quantile" else [sv])]
 
 
-def decode_experiment(backend, runs: int) -> dict:
-    """The 1024² VAE decode of one image as the backend runs it (NCHW) and with the decoder in channels_last
-    memory format (cuDNN's fast layout for bf16 convolutions), on the same random codes: median ms and the largest
-    pixel difference. The backend is left as it was."""
+def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
+    """Infinity's 1024² VAE decode of one image, on the same random codes, as the backend runs it (NCHW, fp32
+    weights under bf16 autocast) and in variants: the decoder in channels_last (cuDNN's fast layout for bf16
+    convolutions), also with its convolution weights stored in bf16 (autocast casts them at every call; norms stay
+    fp32, so the same numerics), and with `compile_decoder` that copy torch.compile'd. Each: median ms, the largest
+    pixel difference from the backend's way, and the kernels that took most of one decode's time. Variants run on
+    copies: the backend is left as it was."""
+    import copy
+
     device = backend.device
     H, W = backend._vae_grid(*backend.schedule(1.0)[-1])
     f_BdHW = torch.randn(1, backend.cfg.vae_bits, H, W, device=device, generator=torch.Generator(device).manual_seed(0))
@@ -93,25 +98,49 @@ def decode_experiment(backend, runs: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def timed() -> tuple[float, torch.Tensor]:
+    def decode(decoder, layout: torch.memory_format) -> torch.Tensor:
+        with torch.inference_mode(), backend._autocast():
+            return decoder(f_BdHW.contiguous(memory_format=layout)).clamp(-1, 1).float()
+
+    def timed(decoder, layout: torch.memory_format) -> dict:
         times = []
-        for _ in range(runs + 1):  # the first one warms up
+        for _ in range(runs + 1):  # the first one warms up (and compiles)
             sync()
             started = time.perf_counter()
-            with torch.inference_mode(), backend._autocast():
-                rgb = backend.vae.decode(f_BdHW).float()
+            rgb = decode(decoder, layout)
             sync()
             times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times[1:]), rgb
+        return {"ms": statistics.median(times[1:]), "first_ms": times[0], "rgb": rgb,
+                "top_kernels": profile(decoder, layout)}
 
-    nchw_ms, nchw = timed()
-    backend.vae.to(memory_format=torch.channels_last)
-    try:
-        last_ms, last = timed()
-    finally:
-        backend.vae.to(memory_format=torch.contiguous_format)
-    return {"nchw_ms": nchw_ms, "channels_last_ms": last_ms,
-            "max_abs_diff_255": float((nchw - last).abs().max()) * 127.5}
+    def profile(decoder, layout: torch.memory_format) -> list[tuple[str, float]]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        cuda = device.type == "cuda"
+        with profiler(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            decode(decoder, layout)
+            sync()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:8]
+        return [(e.key[:80], round(getattr(e, key) / 1e3, 2)) for e in events]
+
+    last = torch.channels_last
+    channels_last = copy.deepcopy(backend.vae.decoder).to(memory_format=last)
+    variants = {"nchw": (backend.vae.decoder, torch.contiguous_format), "channels_last": (channels_last, last)}
+    if device.type == "cuda":
+        bf16 = copy.deepcopy(channels_last)
+        for module in bf16.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.to(torch.bfloat16)
+        variants["channels_last_bf16_convs"] = bf16, last
+        if compile_decoder:
+            variants["channels_last_bf16_convs_compiled"] = torch.compile(bf16), last
+    results = {name: timed(decoder, layout) for name, (decoder, layout) in variants.items()}
+    reference = results["nchw"]["rgb"]
+    for result in results.values():
+        result["max_abs_diff_255"] = float((result.pop("rgb") - reference).abs().max()) * 127.5
+    return results
 
 
 def batch_of(size: int, run: int) -> list[Request]:
@@ -204,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every setting of the models that support it with `cuda_graphs` (two "
                         "warm-up generations: a first run, then the capture), against the dense row of that mode")
     parser.add_argument("--decode-experiment", action="store_true",
-                        help="time Infinity's VAE decode of one image in NCHW and in channels_last")
+                        help="time Infinity's VAE decode of one image in NCHW, channels_last, with bf16 conv "
+                        "weights (and with --compile, compiled), with each one's top kernels")
     parser.add_argument("--smoke", action="store_true", help="tiny architectures and schedules, for a CPU check")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -242,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         log(f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated for the models")
     if args.decode_experiment and "infinity-2b" in backends:
-        meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3))
-        log(f"infinity-2b VAE decode, one image: {meta['decode_experiment']}")
+        meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3), args.compile)
+        for variant, result in meta["decode_experiment"].items():
+            log(f"infinity-2b VAE decode of one image, {variant}: {result}")
     eager_dense_ms: dict[tuple[str, int], float] = {}
     # Every eager row first, so that a failing graph capture cannot cost them: after one, PyTorch's allocator may
     # be unusable. The graph rows come after, and an error ends that model's; the next model's are still tried
