@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from itertools import groupby
 from typing import Any
 
@@ -179,6 +180,7 @@ class Generator:
         return {
             **self._base_row(row, tau), "status": "ok", "width": width, "height": height, **location,
             "latency_ms": result.latency_ms, "stages": [vars(stage) for stage in result.stages],
+            "written_at": datetime.now(UTC),
         }
 
     def _error_row(self, row: dict[str, Any], message: str, tau: float | None) -> dict[str, Any]:

@@ -36,6 +36,9 @@ METADATA_SCHEMA = pa.schema(
         ("stages", pa.list_(STAGE_TYPE)),
         ("status", pa.string()),
         ("error", pa.string()),
+        # when the actor stored the image (webdataset: added it to its shard's tar); null on error rows. Steady-state
+        # throughput is read from these (workflows.bench).
+        ("written_at", pa.timestamp("us", tz="UTC")),
         # webdataset layout only (null for `files`): the tar shard holding the row's sample, and the sample's key
         # in it; image_uri is then `{shard}#{sample_key}.{ext}`. Error rows carry their shard too.
         ("shard", pa.string()),

@@ -6,6 +6,7 @@ Each job run costs seconds (mostly actor start-up), so runs are few and each one
 import hashlib
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -109,6 +110,9 @@ def test_job_writes_one_image_and_one_metadata_row_per_prompt(base_run, fast_ove
             else:
                 sparse_tokens_left_out += s["tokens"] - s["kept"]
     assert sparse_tokens_left_out > 0, "SparseVAR at the config's tau should leave some tokens out"
+    record = json.loads((output / "run.json").read_text())
+    started, finished = (datetime.fromisoformat(record[k]) for k in ("started", "finished"))
+    assert all(started < row["written_at"] < finished for row in rows.values())
 
 
 def test_rerun_of_the_same_config_gives_identical_images(base_run, ray_cluster, fast_overrides, tmp_path):

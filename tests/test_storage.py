@@ -265,7 +265,7 @@ def _row(prompt_id: str = "cat", **overrides) -> dict:
 def test_metadata_schema_field_order():
     assert METADATA_SCHEMA.names == [
         "prompt_id", "prompt", "seed", "model", "width", "height", "image_uri", "image_sha256",
-        "tau", "latency_ms", "stages", "status", "error", "shard", "sample_key",
+        "tau", "latency_ms", "stages", "status", "error", "written_at", "shard", "sample_key",
     ]  # fmt: skip
     assert METADATA_SCHEMA.field("stages").type == pa.list_(STAGE_TYPE)
 

@@ -8,9 +8,11 @@ Every ratio compares figures measured in the same run. Writes DIR/bench.json, DI
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from sparsevar.demo.yardstick import Judge, demo_judge
 from sparsevar.flops import flops_ratio
 from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate
 from storage.checkpoints import localize_checkpoints
+from storage.metadata import read_metadata
 from workflows.config import ConfigError, load_config
 
 PROMPTS = held_out_captions(8)  # in the demo model's domain, so that its yardstick can judge them
@@ -34,12 +37,20 @@ def requests(n: int, offset: int = 0) -> list[Request]:
     return [Request(PROMPTS[(offset + i) % len(PROMPTS)], seed=offset + i) for i in range(n)]
 
 
-def measure(backend: Backend, batch: list[Request], sv: SparseVARConfig, repeats: int,
-            judge: Judge | None = None) -> dict[str, Any]:
-    """Median warm latency per image and per-stage figures of one setting (one warm-up run first); with a
-    judge (the demo model's yardstick), its score of the pictures against their prompts."""
-    generate(backend, batch, sv, profile=True)
-    runs: list[list[ImageResult]] = [generate(backend, batch, sv, profile=True) for _ in range(repeats)]
+def timed_runs(backend: Backend, batch: list[Request], svs: list[SparseVARConfig],
+               repeats: int) -> list[list[list[ImageResult]]]:
+    """Each setting's runs, interleaved: one warm-up run of every setting, then `repeats` rounds that run every
+    setting once, so that a drift in the machine's speed (a shared CPU) hits every setting alike."""
+    for sv in svs:
+        generate(backend, batch, sv, profile=True)
+    rounds = [[generate(backend, batch, sv, profile=True) for sv in svs] for _ in range(repeats)]
+    return [[one_round[i] for one_round in rounds] for i in range(len(svs))]
+
+
+def summarise(backend: Backend, batch: list[Request], sv: SparseVARConfig, runs: list[list[ImageResult]],
+              judge: Judge | None = None) -> dict[str, Any]:
+    """Median latency per image and per-stage figures of one setting's runs; with a judge (the demo model's
+    yardstick), its score of the pictures against their prompts."""
     B = len(batch)
     per_image_ms = [run[0].latency_ms / B for run in runs]
     first_sparse = first_sparse_stage(sv) or len(runs[0][0].stages) + 1
@@ -78,14 +89,17 @@ def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: 
     backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
     judge = demo_judge(cfg.model)
     rows = []
+    svs = settings(cfg.sparsevar, taus, kept)  # dense first
     for B in batch_sizes:
-        dense_ms = None
-        for sv in settings(cfg.sparsevar, taus, kept):
+        batch = requests(B)
+        per_setting = timed_runs(backend, batch, svs, repeats)
+        for sv, runs in zip(svs, per_setting, strict=True):
             row = {"mode": "sparse" if sv.enabled else "dense", "normalize": sv.normalize if sv.enabled else None,
                    "tau": sv.tau if sv.enabled else None, "batch_size": B,
-                   **measure(backend, requests(B), sv, repeats, judge)}
-            dense_ms = dense_ms or row["latency_ms_median"]
-            row["speedup"] = dense_ms / row["latency_ms_median"]
+                   **summarise(backend, batch, sv, runs, judge)}
+            # the median of each round's ratio: a round's runs are close in time
+            row["speedup"] = statistics.median(dense[0].latency_ms / run[0].latency_ms
+                                               for dense, run in zip(per_setting[0], runs, strict=True))
             row["efficiency"] = row["speedup"] / row["flops_ratio"]
             rows.append(row)
             print(f"B={B} {row['mode']:6} {row['normalize'] or '':8} tau={row['tau']} "
@@ -94,34 +108,60 @@ def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: 
     return backend, rows
 
 
-def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, small: int, large: int) -> dict[str, float]:
-    """Steady-state Ray throughput from two job sizes (start-up cancels in the difference) against the bare loop
-    on the same prompts and batch size."""
+def steady_rate(written_at: list[datetime], warm: int) -> float:
+    """Images per second after the first `warm` images were stored (every actor's first batch: its start-up and
+    warm-up), from the times each image was stored."""
+    times = sorted(written_at)
+    if len(times) <= warm:
+        raise ValueError(f"{len(times)} images leave no steady state after the first {warm}")
+    return (len(times) - warm) / (times[-1] - times[warm - 1]).total_seconds()
+
+
+def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int) -> dict[str, float]:
+    """Steady-state Ray throughput, from the moment every actor has stored its first batch (read from the rows'
+    `written_at`), against the bare loop on the same batches after the same warm-up, per actor; and the share of
+    that time the actors spent generating (the rest: image encoding and writing, Ray's scheduling)."""
     import ray
 
     from workflows.generate import connect_ray, run
 
+    B, actors = cfg.ray.batch_size, cfg.ray.num_actors
+    warm = B * actors
+    if prompts < warm + B:
+        raise ValueError(f"--pipeline-prompts {prompts} leaves no steady state: give at least {warm + B} (every "
+                         f"actor's first batch of {B} is warm-up)")
+    owned = not ray.is_initialized()
     started = time.perf_counter()
     connect_ray()
     cluster_start_s = time.perf_counter() - started
-    seconds = {}
-    for n in (small, large):
-        prompts = out / f"pipeline-{n}.jsonl"
-        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": r.prompt, "seed": r.seed}) + "\n"
-                                   for i, r in enumerate(requests(n))))
-        seconds[n] = run(cfg, str(prompts), str(out / f"pipeline-{n}"), None).seconds
-    ray.shutdown()
-    ray_rate = (large - small) / (seconds[large] - seconds[small])
-    B = cfg.ray.batch_size
-    batches = [requests(large)[i: i + B] for i in range(small, large, B)]
-    generate(backend, batches[0], cfg.sparsevar)
+    batch = requests(prompts)
+    source, output = out / "pipeline.jsonl", out / "pipeline"
+    source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": r.prompt, "seed": r.seed}) + "\n"
+                              for i, r in enumerate(batch)))
+    shutil.rmtree(output, ignore_errors=True)  # an earlier bench's images would be skipped as done
+    job_start = datetime.now(UTC)
+    run(cfg, str(source), str(output), None)
+    if owned:
+        ray.shutdown()
+    rows = read_metadata(str(output), columns=["status", "written_at", "latency_ms"]).to_pylist()
+    if sum(r["status"] == "ok" for r in rows) != prompts:
+        raise RuntimeError(f"the pipeline run stored {len(rows)} of {prompts} images: see {output}/metadata")
+    rows.sort(key=lambda r: r["written_at"])
+    written = [r["written_at"] for r in rows]
+    ray_rate = steady_rate(written, warm)
+    window_s = (written[-1] - written[warm - 1]).total_seconds()
+    busy_s = sum({r["latency_ms"] for r in rows[warm:]}) / 1e3  # a batch's images share its wall time
+    generate(backend, batch[:B], cfg.sparsevar)  # the warm-up, as an actor's first batch
     started = time.perf_counter()
-    for batch in batches:
-        generate(backend, batch, cfg.sparsevar)
-    bare_rate = (large - small) / (time.perf_counter() - started)
+    for i in range(B, prompts, B):
+        generate(backend, batch[i: i + B], cfg.sparsevar)
+    bare_rate = (prompts - B) / (time.perf_counter() - started)
+    first_batch_s = (written[warm - 1] - job_start).total_seconds()
     return {"bare_images_per_sec": bare_rate, "ray_images_per_sec": ray_rate,
-            "overhead_pct": (bare_rate / ray_rate - 1) * 100, "cluster_start_s": cluster_start_s,
-            "actor_startup_s": seconds[small] - small / ray_rate, "batch_size": B, "actors": cfg.ray.num_actors}
+            "overhead_pct": (bare_rate * actors / ray_rate - 1) * 100,
+            "actor_generating_pct": 100 * busy_s / (window_s * actors), "cluster_start_s": cluster_start_s,
+            "first_batch_s": first_batch_s, "actor_startup_s": first_batch_s - B * actors / ray_rate,
+            "prompts": prompts, "batch_size": B, "actors": actors}
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, float] | None, command: str) -> None:
@@ -177,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taus", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.3], help="quantile kept fractions")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pipeline-prompts", type=int, nargs=2, default=[8, 32], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--pipeline-prompts", type=int, default=32, metavar="N",
+                        help="prompts of the Ray pipeline run; every actor's first batch is warm-up")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Ray pipeline comparison")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -189,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend, rows = bench_loop(cfg, args.batch_sizes, args.taus, args.kept, args.repeats)
-    pipeline = None if args.no_pipeline else bench_pipeline(cfg, backend, out, *args.pipeline_prompts)
+    pipeline = None if args.no_pipeline else bench_pipeline(cfg, backend, out, args.pipeline_prompts)
     write_report(out, rows, pipeline, "python -m workflows.bench " + " ".join(argv or sys.argv[1:]))
     print((out / "bench.md").read_text())
     return 0

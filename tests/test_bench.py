@@ -1,0 +1,45 @@
+"""`python -m workflows.bench` end to end on a small schedule (the figures are the benchmark's business: here only
+that every figure the issue asks for is there and consistent), and its steady-state throughput window."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from workflows.bench import main, steady_rate
+
+REQUIRED = {"mode", "normalize", "tau", "batch_size", "latency_ms_median", "speedup", "flops_ratio", "efficiency",
+            "kept_ratio", "sparsevar_overhead_ms"}
+
+
+def test_steady_rate_starts_when_the_warm_up_images_are_stored():
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    # a slow first batch of 2 (start-up), then a batch of 2 every 4 s, stored in any order
+    written = [t0 + timedelta(seconds=s) for s in (20, 30, 30.5, 34, 34.5, 38, 38.5, 20.5)]
+    assert steady_rate(written, warm=2) == pytest.approx(6 / 18)
+    with pytest.raises(ValueError, match="no steady state"):
+        steady_rate(written[:2], warm=2)
+
+
+def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["--config", "configs/bench-cpu.yaml", "--out", str(out), "--batch-sizes", "1", "2", "--taus", "0.6",
+                 "--kept", "0.5", "--repeats", "1", "--pipeline-prompts", "12",
+                 "--set", "model.patch_sizes=[1,2,3,4,6,8,12,16]", "--set", "sparsevar.start_stage=6"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = report["rows"]
+    settings = [("dense", None, None), ("sparse", "minmax", 0.6), ("sparse", "quantile", 0.5)]
+    assert [(r["batch_size"], r["mode"], r["normalize"], r["tau"]) for r in rows] == [
+        (b, *s) for b in (1, 2) for s in settings]
+    for row in rows:
+        assert REQUIRED <= row.keys()
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["flops_ratio"])
+        assert (row["mode"] == "dense") == (row["kept_ratio"] == 1.0 == row["flops_ratio"])
+        assert row["sparsevar_overhead_ms"] >= 0 and (row["mode"] == "dense") == (row["sparsevar_overhead_ms"] == 0)
+    pipeline = report["pipeline"]
+    assert pipeline["bare_images_per_sec"] > 0 and pipeline["ray_images_per_sec"] > 0
+    assert pipeline["overhead_pct"] == pytest.approx(
+        (pipeline["bare_images_per_sec"] / pipeline["ray_images_per_sec"] - 1) * 100)
+    assert pipeline["first_batch_s"] > 0 and pipeline["prompts"] == 12 and 0 < pipeline["actor_generating_pct"] <= 100
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "speedup.png", "stages.png"}
+    assert "| pipeline | value |" in (out / "bench.md").read_text()
