@@ -13,7 +13,7 @@ from sparsevar.attention import KVCache, rope_2d_table
 from sparsevar.backends.tiny.config import TinyConfig
 from sparsevar.backends.tiny.decoder import Decoder
 from sparsevar.backends.tiny.text import ByteTokenizer, TextEncoder
-from sparsevar.backends.tiny.transformer import TextContext, TinyTransformer
+from sparsevar.backends.tiny.transformer import Conditioning, TextContext, TinyTransformer
 from sparsevar.config import SamplingConfig
 from sparsevar.sampling import sample_bits
 
@@ -40,7 +40,7 @@ class TinyState:
     batch: int
     branches: int
     schedule: list[tuple[int, int]]
-    cond_R1C: torch.Tensor
+    cond: Conditioning
     sos_R1C: torch.Tensor
     text: TextContext
     caches: list[KVCache]
@@ -121,7 +121,8 @@ class TinyBackend:
         caches = [KVCache(R, heads, capacity, dim // heads, self.device, self.dtype) for _ in range(self.depth)]
         H, W = schedule[-1]
         f_hat = torch.zeros(B, self.cfg.bits, H, W, device=self.device, dtype=torch.float32)
-        return TinyState(B, branches, schedule, cond_R1C, cond_R1C + m.transformer.pos_start, text, caches, f_hat)
+        sos_R1C = cond_R1C + m.transformer.pos_start
+        return TinyState(B, branches, schedule, m.transformer.conditioning(cond_R1C), sos_R1C, text, caches, f_hat)
 
     def stage_input(self, state: TinyState, stage: int) -> torch.Tensor:
         if stage == 1:
@@ -146,7 +147,7 @@ class TinyBackend:
         else:
             rope = table_2Ld[:, positions_Rn]
         return self.model.transformer(
-            x_RnC, stage, state.cond_R1C, rope, state.caches, valid_Rn, state.text, capture_block
+            x_RnC, stage, state.cond, rope, state.caches, valid_Rn, state.text, capture_block
         )
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):

@@ -22,6 +22,17 @@ class TextContext:
     mask_R11T: torch.Tensor | None
 
 
+Modulation = tuple[torch.Tensor, ...]  # AdaLN shifts, scales (and gates), each (R, 1, C)
+
+
+@dataclass
+class Conditioning:
+    """The AdaLN modulation of every block and of the head: fixed for a generation, so computed once in it."""
+
+    blocks: list[Modulation]
+    head: Modulation
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -69,8 +80,11 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
-    def forward(self, x_RnC, cond_R1C, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond_R1C)).chunk(6, dim=-1)
+    def modulation(self, cond_R1C: torch.Tensor) -> Modulation:
+        return self.ada(F.silu(cond_R1C)).chunk(6, dim=-1)
+
+    def forward(self, x_RnC, ada: Modulation, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = ada
         x_RnC = x_RnC + gate1 * self.attn(self.norm1(x_RnC) * (1 + scale1) + shift1, rope_2Rnd, cache, valid_Rn)
         x_RnC = x_RnC + self.cross(self.norm_ca(x_RnC), text_kv, text_mask)
         return x_RnC + gate2 * self.mlp(self.norm2(x_RnC) * (1 + scale2) + shift2)
@@ -95,18 +109,23 @@ class TinyTransformer(nn.Module):
         pooled_RC = (text_RTC * weights_RT1).sum(1) / weights_RT1.sum(1)
         return self.text_pool(pooled_RC).unsqueeze(1)
 
-    def forward(self, x_RnC, stage, cond_R1C, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block):
+    def conditioning(self, cond_R1C: torch.Tensor) -> Conditioning:
+        return Conditioning([block.modulation(cond_R1C) for block in self.blocks],
+                            self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1))
+
+    def forward(self, x_RnC, stage, cond: Conditioning, rope_2Rnd, caches, valid_Rn, text: TextContext,
+                capture_block):
         x_RnC = (x_RnC if stage == 1 else self.word_embed(x_RnC)) + self.lvl_embed.weight[stage - 1]
         change_Rn = None
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, cond_R1C, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
+            x_RnC = block(x_RnC, cond.blocks[i - 1], rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
-        return self.logits(x_RnC, cond_R1C), change_Rn
+        return self.logits(x_RnC, cond.head), change_Rn
 
-    def logits(self, x_RnC: torch.Tensor, cond_R1C: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1)
+    def logits(self, x_RnC: torch.Tensor, head: Modulation) -> torch.Tensor:
+        shift, scale = head
         return self.head(self.head_norm(x_RnC) * (1 + scale) + shift)
 
     def forward_teacher(self, inputs_BLb, cond_B1C, rope_21Ld, stage_ids_L, text: TextContext) -> torch.Tensor:
@@ -114,9 +133,10 @@ class TinyTransformer(nn.Module):
         x_BLC = torch.cat([cond_B1C + self.pos_start, self.word_embed(inputs_BLb)], dim=1)
         x_BLC = x_BLC + self.lvl_embed(stage_ids_L)
         whole = _WholeSequence(stage_ids_L[None, :] <= stage_ids_L[:, None])
-        for block, kv in zip(self.blocks, text.kv, strict=True):
-            x_BLC = block(x_BLC, cond_B1C, rope_21Ld, whole, None, kv, text.mask_R11T)
-        return self.logits(x_BLC, cond_B1C)
+        cond = self.conditioning(cond_B1C)
+        for block, ada, kv in zip(self.blocks, cond.blocks, text.kv, strict=True):
+            x_BLC = block(x_BLC, ada, rope_21Ld, whole, None, kv, text.mask_R11T)
+        return self.logits(x_BLC, cond.head)
 
 
 class _WholeSequence:
