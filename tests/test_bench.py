@@ -6,19 +6,19 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from workflows.bench import main, steady_rate
+from workflows.bench import main, steady_window
 
 REQUIRED = {"mode", "normalize", "tau", "batch_size", "latency_ms_median", "speedup", "flops_ratio", "efficiency",
             "kept_ratio", "sparsevar_overhead_ms"}
 
 
-def test_steady_rate_starts_when_the_warm_up_images_are_stored():
+def test_steady_window_starts_when_the_warm_up_images_are_stored():
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     # a slow first batch of 2 (start-up), then a batch of 2 every 4 s, stored in any order
     written = [t0 + timedelta(seconds=s) for s in (20, 30, 30.5, 34, 34.5, 38, 38.5, 20.5)]
-    assert steady_rate(written, warm=2) == pytest.approx(6 / 18)
+    assert steady_window(written, warm=2) == (6, pytest.approx(18))
     with pytest.raises(ValueError, match="no steady state"):
-        steady_rate(written[:2], warm=2)
+        steady_window(written[:2], warm=2)
 
 
 def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):

@@ -3,6 +3,8 @@ and bookkeeping run, and a replay calls the closure captured with the first gene
 replay would read stale on a GPU gives a wrong image here too."""
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsevar.backends import build_backend
 from sparsevar.backends.infinity.testing import write_checkpoints
@@ -55,7 +57,6 @@ def test_dense_images_match_eager_mode_and_sparse_counts_round_up(files):
 
 
 def test_hart_replays_give_the_images_of_first_runs():
-    import torch
 
     from sparsevar.backends.hart.backend import HartBackend
     from sparsevar.backends.hart.config import HartConfig
@@ -77,7 +78,6 @@ def test_hart_replays_give_the_images_of_first_runs():
 
 
 def test_stage_graphs_capture_on_second_sight_and_restore_the_cache_bookkeeping():
-    import torch
 
     from sparsevar.attention import KVCache
     from sparsevar.graphs import StageGraphs
@@ -101,33 +101,27 @@ def test_stage_graphs_capture_on_second_sight_and_restore_the_cache_bookkeeping(
     assert graphs.captures == 1
 
 
-class CaptureUnsafeOps:
-    """A dispatch mode that records ops a CUDA graph capture rejects or silently freezes: host reads, ops whose
-    output shape depends on values (they synchronise), tensors made from Python data (a host-to-device copy) and
-    random draws (a capture fixes the generator's offset)."""
+class CaptureUnsafeOps(TorchDispatchMode):
+    """Records ops a CUDA graph capture rejects or silently freezes: host reads, ops whose output shape depends on
+    values (they synchronise), tensors made from Python data (a host-to-device copy) and random draws (a capture
+    fixes the generator's offset)."""
 
     SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
                "unique_consecutive", "equal", "is_nonzero", "lift_fresh", "multinomial", "uniform_", "normal_",
                "bernoulli", "bernoulli_", "exponential_", "randn", "rand", "randint", "randperm", "random_"}
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.found: list[str] = []
 
-        found: list[str] = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                import torch
-
-                name = func.overloadpacket.__name__
-                bool_index = name in {"index", "index_put_", "index_put"} and any(
-                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
-                no_size = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
-                if name in CaptureUnsafeOps.SYNCING or bool_index or no_size:
-                    found.append(name)
-                return func(*args, **(kwargs or {}))
-
-        self.mode, self.found = Mode(), found
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in {"index", "index_put_", "index_put"} and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        no_size = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
+        if name in self.SYNCING or bool_index or no_size:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("model", ["infinity", "hart"])
@@ -138,7 +132,7 @@ def test_captured_forwards_hold_only_ops_a_cuda_graph_can_capture(files, model, 
     unsafe, capture = CaptureUnsafeOps(), StageGraphs._capture
 
     def guarded(self, fn, inputs, caches):
-        with unsafe.mode:
+        with unsafe:
             return capture(self, fn, inputs, caches)
 
     monkeypatch.setattr(StageGraphs, "_capture", guarded)

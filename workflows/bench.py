@@ -108,13 +108,13 @@ def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: 
     return backend, rows
 
 
-def steady_rate(written_at: list[datetime], warm: int) -> float:
-    """Images per second after the first `warm` images were stored (every actor's first batch: its start-up and
-    warm-up), from the times each image was stored."""
+def steady_window(written_at: list[datetime], warm: int) -> tuple[int, float]:
+    """The images stored after the first `warm` (every actor's first batch: its start-up and warm-up) and the
+    seconds from the warm-up's end to the last of them."""
     times = sorted(written_at)
     if len(times) <= warm:
         raise ValueError(f"{len(times)} images leave no steady state after the first {warm}")
-    return (len(times) - warm) / (times[-1] - times[warm - 1]).total_seconds()
+    return len(times) - warm, (times[-1] - times[warm - 1]).total_seconds()
 
 
 def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int) -> dict[str, float]:
@@ -144,19 +144,18 @@ def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int) ->
     if owned:
         ray.shutdown()
     rows = read_metadata(str(output), columns=["status", "written_at", "latency_ms"]).to_pylist()
-    if sum(r["status"] == "ok" for r in rows) != prompts:
+    rows = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["written_at"])
+    if len(rows) != prompts:
         raise RuntimeError(f"the pipeline run stored {len(rows)} of {prompts} images: see {output}/metadata")
-    rows.sort(key=lambda r: r["written_at"])
-    written = [r["written_at"] for r in rows]
-    ray_rate = steady_rate(written, warm)
-    window_s = (written[-1] - written[warm - 1]).total_seconds()
+    images, window_s = steady_window([r["written_at"] for r in rows], warm)
+    ray_rate = images / window_s
     busy_s = sum({r["latency_ms"] for r in rows[warm:]}) / 1e3  # a batch's images share its wall time
     generate(backend, batch[:B], cfg.sparsevar)  # the warm-up, as an actor's first batch
     started = time.perf_counter()
     for i in range(B, prompts, B):
         generate(backend, batch[i: i + B], cfg.sparsevar)
     bare_rate = (prompts - B) / (time.perf_counter() - started)
-    first_batch_s = (written[warm - 1] - job_start).total_seconds()
+    first_batch_s = (rows[warm - 1]["written_at"] - job_start).total_seconds()
     return {"bare_images_per_sec": bare_rate, "ray_images_per_sec": ray_rate,
             "overhead_pct": (bare_rate * actors / ray_rate - 1) * 100,
             "actor_generating_pct": 100 * busy_s / (window_s * actors), "cluster_start_s": cluster_start_s,
