@@ -272,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         log(f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated for the models")
     if args.decode_experiment and "infinity-2b" in backends:
-        meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3), args.compile)
-        for variant, result in meta["decode_experiment"].items():
+        try:  # an experiment: if it fails, the rows still run
+            meta["decode_experiment"] = decode_experiment(backends["infinity-2b"][0], max(runs, 3), args.compile)
+        except Exception as exc:  # noqa: BLE001 - recorded in the report
+            meta["decode_experiment_error"] = f"{type(exc).__name__}: {exc}"
+        for variant, result in meta.get("decode_experiment", {}).items():
             log(f"infinity-2b VAE decode of one image, {variant}: {result}")
     eager_dense_ms: dict[tuple[str, int], float] = {}
     # Every eager row first, so that a failing graph capture cannot cost them: after one, PyTorch's allocator may
