@@ -43,3 +43,10 @@ def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):
     assert pipeline["first_batch_s"] > 0 and pipeline["prompts"] == 12 and 0 < pipeline["actor_generating_pct"] <= 100
     assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "speedup.png", "stages.png"}
     assert "| pipeline | value |" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(("argv", "named"), [(["--pipeline-prompts", "4"], "at least 8"),
+                                             (["--set", "ray.num_actors=[1,2]"], "fixed number of actors")])
+def test_a_pipeline_with_no_steady_state_is_refused_before_any_timing(tmp_path, capsys, argv, named):
+    assert main(["--config", "configs/bench-cpu.yaml", "--out", str(tmp_path / "b"), *argv]) == 2
+    assert named in capsys.readouterr().err and not (tmp_path / "b").exists()

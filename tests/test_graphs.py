@@ -106,9 +106,11 @@ class CaptureUnsafeOps(TorchDispatchMode):
     values (they synchronise), tensors made from Python data (a host-to-device copy) and random draws (a capture
     fixes the generator's offset)."""
 
-    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
-               "unique_consecutive", "equal", "is_nonzero", "lift_fresh", "multinomial", "uniform_", "normal_",
-               "bernoulli", "bernoulli_", "exponential_", "randn", "rand", "randint", "randperm", "random_"}
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+               "unique_consecutive", "equal", "bincount", "lift_fresh", "multinomial", "uniform_", "normal_",
+               "normal", "bernoulli", "bernoulli_", "exponential_", "randn", "rand", "randint", "randperm",
+               "random_", "rand_like", "randn_like", "randint_like"}
+    HOST = ("tolist", "numpy", "cpu")  # dispatch nothing on a CPU, or nothing visible: recorded by wrapping
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,12 +131,25 @@ def test_captured_forwards_hold_only_ops_a_cuda_graph_can_capture(files, model, 
     from sparsevar.graphs import StageGraphs
     from tests.test_hot_path import hart_backend
 
-    unsafe, capture = CaptureUnsafeOps(), StageGraphs._capture
+    unsafe, capture, capturing = CaptureUnsafeOps(), StageGraphs._capture, [False]
 
     def guarded(self, fn, inputs, caches):
-        with unsafe:
-            return capture(self, fn, inputs, caches)
+        capturing[0] = True
+        try:
+            with unsafe:
+                return capture(self, fn, inputs, caches)
+        finally:
+            capturing[0] = False
 
+    for name in CaptureUnsafeOps.HOST:
+        original = getattr(torch.Tensor, name)
+
+        def recorded(self, *args, _name=name, _original=original, **kwargs):
+            if capturing[0]:
+                unsafe.found.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recorded)
     monkeypatch.setattr(StageGraphs, "_capture", guarded)
     backend, start = (build(files, graphs=True), 5) if model == "infinity" else (hart_backend(True)[0], 4)
     for sv in (DENSE, SPARSE.model_copy(update={"start_stage": start}),

@@ -117,19 +117,32 @@ def steady_window(written_at: list[datetime], warm: int) -> tuple[int, float]:
     return len(times) - warm, (times[-1] - times[warm - 1]).total_seconds()
 
 
+def pipeline_warm_up(cfg: JobConfig, prompts: int) -> int:
+    """The images of the pipeline run that count as warm-up (every actor's first batch); raises for a setting
+    that leaves no steady state to measure."""
+    low, actors = cfg.ray.actor_range
+    if low != actors:
+        raise ValueError(f"ray.num_actors is a range {[low, actors]}: the pipeline benchmark needs a fixed number "
+                         "of actors (set one number, or pass --no-pipeline)")
+    B = cfg.ray.batch_size
+    if prompts < (actors + 1) * B:
+        raise ValueError(f"--pipeline-prompts {prompts} leaves no steady state: give at least {(actors + 1) * B} "
+                         f"(every actor's first batch of {B} is warm-up)")
+    return actors * B
+
+
 def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int) -> dict[str, float]:
     """Steady-state Ray throughput, from the moment every actor has stored its first batch (read from the rows'
     `written_at`), against the bare loop on the same batches after the same warm-up, per actor; and the share of
-    that time the actors spent generating (the rest: image encoding and writing, Ray's scheduling)."""
+    that time the actors spent generating (the rest: image encoding and writing, Ray's scheduling). With several
+    actors the first `batch_size * num_actors` images stand for every actor's first batch: an approximation, as
+    a fast actor may store its second batch before a slow one its first."""
     import ray
 
     from workflows.generate import connect_ray, run
 
-    B, actors = cfg.ray.batch_size, cfg.ray.num_actors
-    warm = B * actors
-    if prompts < warm + B:
-        raise ValueError(f"--pipeline-prompts {prompts} leaves no steady state: give at least {warm + B} (every "
-                         f"actor's first batch of {B} is warm-up)")
+    B, actors, warm = cfg.ray.batch_size, cfg.ray.num_actors, pipeline_warm_up(cfg, prompts)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"images_per_prompt": 1})})  # as the loop
     owned = not ray.is_initialized()
     started = time.perf_counter()
     connect_ray()
@@ -223,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        if not args.no_pipeline:
+            pipeline_warm_up(cfg, args.pipeline_prompts)  # before minutes of loop timing
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
