@@ -127,10 +127,11 @@ def bf16_convs(decoder: torch.nn.Module) -> torch.nn.Module:
 def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
     """Infinity's 1024² VAE decode of one image, on the same random codes, as the backend runs it (NCHW, fp32
     weights under bf16 autocast) and in variants: the decoder in channels_last (cuDNN's fast layout for bf16
-    convolutions), also with its convolution weights stored in bf16 (autocast casts them at every call; norms stay
-    fp32, so the same numerics), and with `compile_decoder` that copy torch.compile'd. Each: median ms, the largest
-    pixel difference from the backend's way, and the kernels that took most of one decode's time. Variants run on
-    copies: the backend is left as it was."""
+    convolutions), that with phase-split upsampling (PhaseUpsample), and on a GPU both with their convolution
+    weights stored in bf16 (autocast casts them at every call; norms stay fp32) and, with `compile_decoder`, the
+    bf16 one torch.compile'd. Each: median ms, the largest pixel difference from the backend's way, and the kernels
+    that took most of one decode's time; also whether GroupNorm keeps channels_last. Variants run on copies: the
+    backend is left as it was."""
     import copy
 
     device = backend.device
@@ -144,6 +145,8 @@ def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
     def decode(decoder, layout: torch.memory_format) -> torch.Tensor:
         with torch.inference_mode(), backend._autocast():
             return decoder(f_BdHW.contiguous(memory_format=layout)).clamp(-1, 1).float()
+
+    reference = decode(backend.vae.decoder, torch.contiguous_format)
 
     def timed(decoder, layout: torch.memory_format) -> dict:
         times = []
@@ -179,7 +182,6 @@ def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
         variants["channels_last_bf16_convs_phase_upsample"] = bf16_convs(copy.deepcopy(phases)), last
         if compile_decoder:
             variants["channels_last_bf16_convs_compiled"] = torch.compile(bf16), last
-    reference = decode(backend.vae.decoder, torch.contiguous_format)
     results: dict[str, dict] = {}
     for name, (decoder, layout) in variants.items():  # all timed before any profiling, which may slow what follows
         try:
