@@ -24,7 +24,7 @@ def test_steady_window_starts_when_the_warm_up_images_are_stored():
 def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["--config", "configs/bench-cpu.yaml", "--out", str(out), "--batch-sizes", "1", "2", "--taus", "0.6",
-                 "--kept", "0.5", "--repeats", "1", "--pipeline-prompts", "12",
+                 "--kept", "0.5", "--repeats", "1", "--pipeline-prompts", "12", "--pipeline-rounds", "2",
                  "--set", "model.patch_sizes=[1,2,3,4,6,8,12,16]", "--set", "sparsevar.start_stage=6"]) == 0
     report = json.loads((out / "bench.json").read_text())
     rows = report["rows"]
@@ -38,14 +38,16 @@ def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):
         assert row["sparsevar_overhead_ms"] >= 0 and (row["mode"] == "dense") == (row["sparsevar_overhead_ms"] == 0)
     pipeline = report["pipeline"]
     assert pipeline["bare_images_per_sec"] > 0 and pipeline["ray_images_per_sec"] > 0
-    assert pipeline["overhead_pct"] == pytest.approx(
-        (pipeline["bare_images_per_sec"] / pipeline["ray_images_per_sec"] - 1) * 100)
+    rounds = pipeline["overhead_pct_rounds"]
+    assert pipeline["rounds"] == len(rounds) == 2 and pipeline["overhead_pct"] == pytest.approx(sum(rounds) / 2)
+    assert {p.name for p in out.iterdir()} >= {"pipeline-0", "pipeline-1"}
     assert pipeline["first_batch_s"] > 0 and pipeline["prompts"] == 12 and 0 < pipeline["actor_generating_pct"] <= 100
     assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "speedup.png", "stages.png"}
     assert "| pipeline | value |" in (out / "bench.md").read_text()
 
 
 @pytest.mark.parametrize(("argv", "named"), [(["--pipeline-prompts", "4"], "at least 8"),
+                                             (["--pipeline-rounds", "0"], "at least 1"),
                                              (["--set", "ray.num_actors=[1,2]"], "fixed number of actors")])
 def test_a_pipeline_with_no_steady_state_is_refused_before_any_timing(tmp_path, capsys, argv, named):
     assert main(["--config", "configs/bench-cpu.yaml", "--out", str(tmp_path / "b"), *argv]) == 2

@@ -131,26 +131,26 @@ def pipeline_warm_up(cfg: JobConfig, prompts: int) -> int:
     return actors * B
 
 
-def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int) -> dict[str, float]:
-    """Steady-state Ray throughput, from the moment every actor has stored its first batch (read from the rows'
-    `written_at`), against the bare loop on the same batches after the same warm-up, per actor; and the share of
-    that time the actors spent generating (the rest: image encoding and writing, Ray's scheduling). With several
-    actors the first `batch_size * num_actors` images stand for every actor's first batch: an approximation, as
-    a fast actor may store its second batch before a slow one its first."""
+def bare_rate(backend: Backend, batch: list[Request], B: int, sv: SparseVARConfig) -> float:
+    """Images a second of the bare loop over the batches after the first, which warms up as an actor's does."""
+    generate(backend, batch[:B], sv)
+    started = time.perf_counter()
+    for i in range(B, len(batch), B):
+        generate(backend, batch[i: i + B], sv)
+    return (len(batch) - B) / (time.perf_counter() - started)
+
+
+def pipeline_run(cfg: JobConfig, source: Path, output: Path, prompts: int, warm: int) -> dict[str, float]:
+    """One job of the Ray pipeline (a cluster of its own when none is connected): its steady-state images a second,
+    the share of that time its actors spent generating, cluster start and time to every actor's first batch."""
     import ray
 
     from workflows.generate import connect_ray, run
 
-    B, actors, warm = cfg.ray.batch_size, cfg.ray.num_actors, pipeline_warm_up(cfg, prompts)
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"images_per_prompt": 1})})  # as the loop
     owned = not ray.is_initialized()
     started = time.perf_counter()
     connect_ray()
     cluster_start_s = time.perf_counter() - started
-    batch = requests(prompts)
-    source, output = out / "pipeline.jsonl", out / "pipeline"
-    source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": r.prompt, "seed": r.seed}) + "\n"
-                              for i, r in enumerate(batch)))
     shutil.rmtree(output, ignore_errors=True)  # an earlier bench's images would be skipped as done
     job_start = datetime.now(UTC)
     run(cfg, str(source), str(output), None)
@@ -161,19 +161,43 @@ def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int) ->
     if len(rows) != prompts:
         raise RuntimeError(f"the pipeline run stored {len(rows)} of {prompts} images: see {output}/metadata")
     images, window_s = steady_window([r["written_at"] for r in rows], warm)
-    ray_rate = images / window_s
     busy_s = sum({r["latency_ms"] for r in rows[warm:]}) / 1e3  # a batch's images share its wall time
-    generate(backend, batch[:B], cfg.sparsevar)  # the warm-up, as an actor's first batch
-    started = time.perf_counter()
-    for i in range(B, prompts, B):
-        generate(backend, batch[i: i + B], cfg.sparsevar)
-    bare_rate = (prompts - B) / (time.perf_counter() - started)
-    first_batch_s = (rows[warm - 1]["written_at"] - job_start).total_seconds()
-    return {"bare_images_per_sec": bare_rate, "ray_images_per_sec": ray_rate,
-            "overhead_pct": (bare_rate * actors / ray_rate - 1) * 100,
-            "actor_generating_pct": 100 * busy_s / (window_s * actors), "cluster_start_s": cluster_start_s,
-            "first_batch_s": first_batch_s, "actor_startup_s": first_batch_s - B * actors / ray_rate,
-            "prompts": prompts, "batch_size": B, "actors": actors}
+    return {"rate": images / window_s, "generating_pct": 100 * busy_s / (window_s * cfg.ray.num_actors),
+            "cluster_start_s": cluster_start_s,
+            "first_batch_s": (rows[warm - 1]["written_at"] - job_start).total_seconds()}
+
+
+def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int, rounds: int) -> dict[str, Any]:
+    """Steady-state Ray throughput, from the moment every actor has stored its first batch (read from the rows'
+    `written_at`), against the bare loop on the same batches after the same warm-up, per actor; and the share of
+    that time the actors spent generating (the rest: image encoding and writing, Ray's scheduling).
+
+    This machine's speed drifts by more than the target's margin between runs, so bare loops and pipeline jobs
+    alternate, bare first and last: each job is compared with the mean of the bare loops either side of it, and
+    the figures are the rounds' medians. With several actors the first `batch_size * num_actors` images stand for
+    every actor's first batch: an approximation, as a fast actor may store its second batch before a slow one
+    its first."""
+    B, actors, warm = cfg.ray.batch_size, cfg.ray.num_actors, pipeline_warm_up(cfg, prompts)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"images_per_prompt": 1})})  # as the loop
+    batch = requests(prompts)
+    source = out / "pipeline.jsonl"
+    source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": r.prompt, "seed": r.seed}) + "\n"
+                              for i, r in enumerate(batch)))
+    bare = [bare_rate(backend, batch, B, cfg.sparsevar)]
+    jobs = []
+    for i in range(rounds):
+        jobs.append(pipeline_run(cfg, source, out / f"pipeline-{i}", prompts, warm))
+        bare.append(bare_rate(backend, batch, B, cfg.sparsevar))
+    overheads = [((before + after) / 2 * actors / job["rate"] - 1) * 100
+                 for before, after, job in zip(bare[:-1], bare[1:], jobs, strict=True)]
+    first = jobs[0]
+    ray_rate = statistics.median(job["rate"] for job in jobs)
+    return {"bare_images_per_sec": statistics.median(bare), "ray_images_per_sec": ray_rate,
+            "overhead_pct": statistics.median(overheads), "overhead_pct_rounds": overheads,
+            "actor_generating_pct": statistics.median(job["generating_pct"] for job in jobs),
+            "cluster_start_s": first["cluster_start_s"], "first_batch_s": first["first_batch_s"],
+            "actor_startup_s": first["first_batch_s"] - B * actors / first["rate"],
+            "prompts": prompts, "batch_size": B, "actors": actors, "rounds": rounds}
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, float] | None, command: str) -> None:
@@ -188,9 +212,15 @@ def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, floa
                      f"{r['efficiency']:.2f} | {r['kept_ratio']:.3f} | {r['sparsevar_overhead_ms']:.2f} | "
                      f"{yardstick} |")
     if pipeline:
-        lines += ["", "| pipeline | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in pipeline.items()]
+        lines += ["", "| pipeline | value |", "|---|---|"] + [f"| {k} | {_figure(v)} |" for k, v in pipeline.items()]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     plot(out, rows)
+
+
+def _figure(value: int | float | list[float]) -> str:
+    if isinstance(value, list):
+        return ", ".join(f"{v:.2f}" for v in value)
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def plot(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -231,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pipeline-prompts", type=int, default=32, metavar="N",
                         help="prompts of the Ray pipeline run; every actor's first batch is warm-up")
+    parser.add_argument("--pipeline-rounds", type=int, default=3, metavar="K",
+                        help="pipeline jobs, each between two bare loops; figures are the rounds' medians")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Ray pipeline comparison")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -238,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not args.no_pipeline:
             pipeline_warm_up(cfg, args.pipeline_prompts)  # before minutes of loop timing
+            if args.pipeline_rounds < 1:
+                raise ValueError(f"--pipeline-rounds {args.pipeline_rounds}: give at least 1")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend, rows = bench_loop(cfg, args.batch_sizes, args.taus, args.kept, args.repeats)
-    pipeline = None if args.no_pipeline else bench_pipeline(cfg, backend, out, args.pipeline_prompts)
+    pipeline = None
+    if not args.no_pipeline:
+        pipeline = bench_pipeline(cfg, backend, out, args.pipeline_prompts, args.pipeline_rounds)
     write_report(out, rows, pipeline, "python -m workflows.bench " + " ".join(argv or sys.argv[1:]))
     print((out / "bench.md").read_text())
     return 0
