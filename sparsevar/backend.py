@@ -11,6 +11,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from sparsevar.packing import Padding
+
 
 class Backend(Protocol):
     name: str
@@ -38,13 +40,14 @@ class Backend(Protocol):
         x_RnC: torch.Tensor,
         stage: int,
         positions_Rn: torch.Tensor | None,
-        valid_Rn: torch.Tensor | None,
+        padding: Padding | None,
         capture_block: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run blocks 1..N and the head on the given tokens of a stage.
 
-        positions_Rn: flat grid positions of x's tokens (None: the whole grid in order); valid_Rn: False on
-        padding rows, which must add nothing the cache lets later stages see. Only these tokens enter the
+        positions_Rn: flat grid positions of x's tokens (None: the whole grid in order); padding: where a batch
+        pads images to its largest kept count (None: nowhere); padding rows must add nothing the cache lets later
+        stages see, and need not run outside attention (`sparsevar.packing`). Only these tokens enter the
         key/value cache. Returns per-token predictions (R, n, V) and, when capture_block (from 1) is given,
         that block's per-token change (R, n) (`sparse.block_scores`, the spec's step 1), so that no hidden
         state outlives the forward. Both may be overwritten by the next forward (CUDA graphs reuse memory).

@@ -15,6 +15,7 @@ import torch
 
 from sparsevar.backend import Backend
 from sparsevar.config import SparseVARConfig
+from sparsevar.packing import Padding
 from sparsevar.sparse import (
     anchor_layout,
     fill_scores,
@@ -170,9 +171,11 @@ def generate(
         else:
             with sparse_work():
                 idx_Rn = plan.kept_idx_Bn.repeat(branches, 1)
-                valid_Rn = None if plan.valid_Bn is None else plan.valid_Bn.repeat(branches, 1)
+                padding = None
+                if plan.valid_Bn is not None:
+                    padding = Padding(plan.valid_Bn.repeat(branches, 1), branches * sum(plan.counts))
                 x_RnC = gather_tokens(x_RLC, idx_Rn)
-            pred_RnV, change_Rn = backend.forward(state, x_RnC, stage, idx_Rn, valid_Rn, capture)
+            pred_RnV, change_Rn = backend.forward(state, x_RnC, stage, idx_Rn, padding, capture)
             if sv.fill == "logits" and sv.anchor_grid:
                 with sparse_work():
                     pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1), plan.has_sources)

@@ -6,7 +6,7 @@ applied after the normalisation. Every block reads one AdaLN condition: the cont
 all context tokens. Keys and values go through the shared `KVCache`, so only tokens that ran are attended to.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from sparsevar.attention import KVCache, cosine_attention_constants
 from sparsevar.backends.hart.diffusion import DiffusionHead
 from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
 from sparsevar.backends.hart.rope import apply_rope
+from sparsevar.packing import Padding
 from sparsevar.sparse import block_scores
 
 TRAINING_BUFFERS = ("lvl_1L", "attn_bias_for_masking")  # in the official files, unused by inference
@@ -72,16 +73,21 @@ class Attention(nn.Module):
         """The qkv bias and the query and key scales, as forward takes them; computed once per generation."""
         return cosine_attention_constants(self.q_bias, self.zero_k_bias, self.v_bias, self.scale_mul_1H11)
 
-    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
+    def forward(self, x_RnC, cos_sin_2RnD, cache: KVCache, valid_Rn, bias, scale_2_1H11,
+                packing: Padding | None = None) -> torch.Tensor:
         """Queries and keys are normalised, scaled and rotated as one tensor: the same values as one at a time,
         in half the kernel launches, which set the time of small stages."""
-        R, n, C = x_RnC.shape
-        qkv = F.linear(x_RnC, self.qkv_proj.weight, bias).view(R, n, 3, self.heads, C // self.heads)
+        qkv = F.linear(x_RnC, self.qkv_proj.weight, bias)
+        if packing is not None:
+            qkv = packing.unpack(qkv)
+        R, n, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        qkv = qkv.view(R, n, 3, self.heads, C // self.heads)
         qk_2RHnD = F.normalize(qkv[:, :, :2].permute(2, 0, 3, 1, 4), dim=-1).mul(scale_2_1H11)
         q, k = apply_rope(qk_2RHnD, cos_sin_2RnD).unbind(0)
         keys, values, mask = cache.extend(k, qkv[:, :, 2].transpose(1, 2), valid_Rn)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
-        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0).transpose(1, 2)
+        out = out.reshape(R, n, C)
+        return self.proj(out if packing is None else packing.pack(out))
 
 
 class MLP(nn.Module):
@@ -108,10 +114,12 @@ class Block(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_R1C).chunk(6, dim=-1)
         return BlockContext((gamma1, gamma2, scale1 + 1, scale2 + 1, shift1, shift2), *self.attn.constants())
 
-    def forward(self, x_RnC, ctx: BlockContext, cos_sin_2RnD, cache, valid_Rn) -> torch.Tensor:
+    def forward(self, x_RnC, ctx: BlockContext, cos_sin_2RnD, cache, valid_Rn,
+                packing: Padding | None = None) -> torch.Tensor:
+        """x and ctx.ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both."""
         gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
         x_RnC = x_RnC + self.attn(self.ln_wo_grad(x_RnC) * scale1_1 + shift1, cos_sin_2RnD, cache, valid_Rn,
-                                  ctx.qkv_bias, ctx.qk_scale) * gamma1
+                                  ctx.qkv_bias, ctx.qk_scale, packing) * gamma1
         return x_RnC + self.ffn(self.ln_wo_grad(x_RnC) * scale2_1 + shift2) * gamma2
 
 
@@ -166,16 +174,23 @@ class HartTransformer(nn.Module):
         return Conditioning(blocks, self.head_nm.modulation(cond_R1C.float()))
 
     def forward(self, x_RnC, cond: Conditioning, cos_sin_2RnD, caches: list[KVCache], valid_Rn,
-                capture_block: int | None):
+                capture_block: int | None, packing: Padding | None = None):
         """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s per-token
-        change (`block_scores`)."""
+        change (`block_scores`). With packing (the stage's padding, whose valid_Rn this is), only the real tokens
+        run outside attention (`sparsevar.packing`)."""
+        blocks = cond.blocks
+        if packing is not None:
+            x_RnC = packing.pack(x_RnC)
+            blocks = [replace(ctx, ada=tuple(map(packing.per_token, ctx.ada))) for ctx in blocks]
         change_Rn = None
-        for i, (block, ctx, cache) in enumerate(zip(self.blocks, cond.blocks, caches, strict=True), start=1):
+        for i, (block, ctx, cache) in enumerate(zip(self.blocks, blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn)
+            x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn, packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
-        return x_RnC, change_Rn
+        if packing is None:
+            return x_RnC, change_Rn
+        return packing.unpack(x_RnC), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]
 
     def logits(self, h_RnC: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.head(self.head_nm(h_RnC, cond.head)).float()

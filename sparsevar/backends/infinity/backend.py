@@ -23,6 +23,7 @@ from sparsevar.backends.infinity.text import T5Text
 from sparsevar.backends.infinity.vae import VAE, constant_entries
 from sparsevar.config import SamplingConfig
 from sparsevar.graphs import GraphMode
+from sparsevar.packing import worth_packing
 from sparsevar.sampling import sample_bits
 from sparsevar.state_dicts import check_entries, read_state_dict
 
@@ -160,17 +161,20 @@ class InfinityBackend(GraphMode):
             f_BdHW = F.pixel_unshuffle(f_BdHW, 2)
         return f_BdHW.flatten(2).transpose(1, 2).repeat(state.branches, 1, 1)
 
-    def forward(self, state, x_RnC, stage, positions_Rn, valid_Rn, capture_block):
+    def forward(self, state, x_RnC, stage, positions_Rn, padding, capture_block):
         h, w = state.schedule[stage - 1]
         start = state.offsets[stage - 1]
         table_2Ld = state.rope_2Ld[:, start : start + h * w]
         rope = table_2Ld[:, None] if positions_Rn is None else table_2Ld[:, positions_Rn]
         caches, text = state.caches, state.text
 
+        valid_Rn = None if padding is None else padding.valid_Rn
+
         def run(x_RnC: torch.Tensor, rope: torch.Tensor, valid_Rn: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            with self._autocast():
-                return self.model(x_RnC, stage, rope, caches, valid_Rn, text, capture_block)
+            with self._autocast():  # packed when eager; a graph keeps the padded shapes, which repeat
+                return self.model(x_RnC, stage, rope, caches, valid_Rn, text, capture_block,
+                                  worth_packing(padding) if self.graphs is None else None)
 
         if self.graphs is None:
             logits, change_Rn = run(x_RnC, rope, valid_Rn)

@@ -10,7 +10,7 @@ keys and values of cross-attention are rounded to bf16 (the official code hands 
 even in float32), and so is its output.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import nn
 from sparsevar.attention import KVCache, cosine_attention_constants
 from sparsevar.backends.infinity.config import InfinityConfig
 from sparsevar.backends.infinity.schedule import apply_rope
+from sparsevar.packing import Padding
 from sparsevar.sparse import block_scores
 
 EPS = 1e-6
@@ -84,17 +85,22 @@ class SelfAttention(nn.Module):
         """The qkv bias and the query and key scales, as forward takes them; computed once per generation."""
         return cosine_attention_constants(self.q_bias, self.zero_k_bias, self.v_bias, self.scale_mul_1H11)
 
-    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_2_1H11) -> torch.Tensor:
+    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, bias, scale_2_1H11,
+                packing: Padding | None = None) -> torch.Tensor:
         """Queries and keys are normalised, scaled and rotated as one tensor: the same values as one at a time,
         in half the kernel launches, which set the time of small stages."""
-        R, n, C = x_RnC.shape
-        qkv = F.linear(x_RnC, self.mat_qkv.weight, bias).view(R, n, 3, self.heads, C // self.heads)
+        qkv = F.linear(x_RnC, self.mat_qkv.weight, bias)
+        if packing is not None:
+            qkv = packing.unpack(qkv)
+        R, n, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        qkv = qkv.view(R, n, 3, self.heads, C // self.heads)
         qk_2RHnD = F.normalize(qkv[:, :, :2].permute(2, 0, 3, 1, 4), dim=-1, eps=1e-12).mul(scale_2_1H11)
         q, k = apply_rope(qk_2RHnD, rope_2Rnd).to(cache.k_RHLD.dtype).unbind(0)
         v = qkv[:, :, 2].transpose(1, 2)
         keys, values, mask = cache.extend(k, v.to(cache.v_RHLD.dtype), valid_Rn)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
-        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0).transpose(1, 2)
+        out = out.reshape(R, n, C)
+        return self.proj(out if packing is None else packing.pack(out))
 
 
 class CrossAttention(nn.Module):
@@ -118,7 +124,8 @@ class CrossAttention(nn.Module):
         k, v = kv.view(R, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, q_RHnD: torch.Tensor, kv, mask_R11T: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, q_RHnD: torch.Tensor, kv, mask_R11T: torch.Tensor | None,
+                packing: Padding | None = None) -> torch.Tensor:
         R, _, n, _ = q_RHnD.shape
         k, v = kv
         if q_RHnD.dtype == torch.float32:  # the official code casts to bf16 for flash-attn in this case only
@@ -126,12 +133,16 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q_RHnD, k, v, attn_mask=mask_R11T)
         if out.dtype == torch.float32:  # and its output in bf16 (under autocast it is bf16 already)
             out = out.to(torch.bfloat16).float()
-        return self.proj(out.transpose(1, 2).reshape(R, n, self.heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(R, n, self.heads * self.head_dim)
+        return self.proj(out if packing is None else packing.pack(out))
 
-    def attend(self, x_RnC: torch.Tensor, kv, mask_R11T: torch.Tensor | None) -> torch.Tensor:
-        R, n, _ = x_RnC.shape
-        q = self.mat_q(x_RnC).view(R, n, self.heads, self.head_dim).transpose(1, 2)
-        return self(q, kv, mask_R11T)
+    def attend(self, x_RnC: torch.Tensor, kv, mask_R11T: torch.Tensor | None,
+               packing: Padding | None = None) -> torch.Tensor:
+        q = self.mat_q(x_RnC)
+        if packing is not None:
+            q = packing.unpack(q)
+        R, n, _ = q.shape
+        return self(q.view(R, n, self.heads, self.head_dim).transpose(1, 2), kv, mask_R11T, packing)
 
     def pool(self, text_RTC: torch.Tensor, mask_R11T: torch.Tensor | None) -> torch.Tensor:
         """The learned query's attention over the whole text: (R, dim)."""
@@ -172,12 +183,14 @@ class Block(nn.Module):
         return BlockContext((gamma1, gamma2, scale1 + 1, scale2 + 1, shift1, shift2), *self.sa.constants(),
                             (norm.weight.float(), norm.bias.float()), text_kv)
 
-    def forward(self, x_RnC, ctx: BlockContext, rope_2Rnd, cache, valid_Rn, text_mask) -> torch.Tensor:
+    def forward(self, x_RnC, ctx: BlockContext, rope_2Rnd, cache, valid_Rn, text_mask,
+                packing: Padding | None = None) -> torch.Tensor:
+        """x and ctx.ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both."""
         gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
         x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * scale1_1 + shift1, rope_2Rnd, cache, valid_Rn, ctx.qkv_bias,
-                                ctx.qk_scale) * gamma1
+                                ctx.qk_scale, packing) * gamma1
         x_ca = F.layer_norm(x_RnC.float(), self.ca_norm.normalized_shape, *ctx.ca_norm, self.ca_norm.eps)
-        x_RnC = x_RnC + self.ca.attend(x_ca, ctx.text_kv, text_mask)  # bf16 under autocast: the sum is float32
+        x_RnC = x_RnC + self.ca.attend(x_ca, ctx.text_kv, text_mask, packing)  # bf16 under autocast: sum in fp32
         return x_RnC + self.ffn(layer_norm(x_RnC) * scale2_1 + shift2) * gamma2
 
 
@@ -245,20 +258,29 @@ class Infinity(nn.Module):
         sos_R1C = cond_RD.unsqueeze(1) + self.pos_start
         return sos_R1C, TextContext(blocks, head, mask_R11T)
 
-    def forward(self, x_RnC, stage, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block: int | None):
+    def forward(self, x_RnC, stage, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block: int | None,
+                packing: Padding | None = None):
         """Logits (R, n, 2 * bits) of a stage's tokens and, if asked, block capture_block's per-token change (R, n).
 
         x is the start token at stage 1 and raw codes afterwards; the level embedding is added once, before
-        the first block.
+        the first block. With packing (the stage's padding, whose valid_Rn this is), only the real tokens run
+        outside attention (`sparsevar.packing`).
         """
         x_RnC = x_RnC if stage == 1 else self.word_embed(x_RnC)
         x_RnC = x_RnC.float() + self.lvl_embed.weight[stage - 1]
+        blocks, head = text.blocks, text.head
+        if packing is not None:
+            x_RnC = packing.pack(x_RnC)
+            blocks = [replace(ctx, ada=tuple(map(packing.per_token, ctx.ada))) for ctx in blocks]
+            head = tuple(map(packing.per_token, head))
         change_Rn = None
-        for i, (block, ctx, cache) in enumerate(zip(self.blocks, text.blocks, caches, strict=True), start=1):
+        for i, (block, ctx, cache) in enumerate(zip(self.blocks, blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T)
+            x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T, packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
         with torch.autocast(x_RnC.device.type, enabled=False):
-            logits = self.head(self.head_nm(x_RnC.float(), text.head))
-        return logits, change_Rn
+            logits = self.head(self.head_nm(x_RnC.float(), head))
+        if packing is None:
+            return logits, change_Rn
+        return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]

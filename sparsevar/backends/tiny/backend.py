@@ -140,14 +140,14 @@ class TinyBackend:
             self._rope[key] = table.to(self.device, self.dtype)
         return self._rope[key]
 
-    def forward(self, state, x_RnC, stage, positions_Rn, valid_Rn, capture_block):
+    def forward(self, state, x_RnC, stage, positions_Rn, padding, capture_block):
         table_2Ld = self._rope_table(state, stage)
         if positions_Rn is None:
             rope = table_2Ld[:, None]
         else:
             rope = table_2Ld[:, positions_Rn]
         return self.model.transformer(
-            x_RnC, stage, state.cond, rope, state.caches, valid_Rn, state.text, capture_block
+            x_RnC, stage, state.cond, rope, state.caches, padding, state.text, capture_block
         )
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):

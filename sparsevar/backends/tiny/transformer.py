@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevar.attention import KVCache, apply_rope, attend
+from sparsevar.packing import Padding, worth_packing
 from sparsevar.sparse import block_scores
 
 
@@ -40,12 +41,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn) -> torch.Tensor:
-        R, n, C = x_RnC.shape
-        q, k, v = self.qkv(x_RnC).view(R, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x_RnC, rope_2Rnd, cache: KVCache, valid_Rn, packing: Padding | None = None) -> torch.Tensor:
+        qkv = self.qkv(x_RnC)
+        if packing is not None:
+            qkv = packing.unpack(qkv)
+        R, n, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(R, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         keys, values, mask = cache.extend(apply_rope(k, rope_2Rnd), v, valid_Rn)
-        out = attend(apply_rope(q, rope_2Rnd), keys, values, mask)
-        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+        out = attend(apply_rope(q, rope_2Rnd), keys, values, mask).transpose(1, 2).reshape(R, n, C)
+        return self.proj(out if packing is None else packing.pack(out))
 
 
 class CrossAttention(nn.Module):
@@ -61,11 +65,14 @@ class CrossAttention(nn.Module):
         k, v = self.kv(text_RTC).view(R, T, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x_RnC, kv, mask_R11T) -> torch.Tensor:
-        R, n, C = x_RnC.shape
-        q = self.q(x_RnC).view(R, n, self.heads, C // self.heads).transpose(1, 2)
-        out = attend(q, kv[0], kv[1], mask_R11T)
-        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+    def forward(self, x_RnC, kv, mask_R11T, packing: Padding | None = None) -> torch.Tensor:
+        q = self.q(x_RnC)
+        if packing is not None:
+            q = packing.unpack(q)
+        R, n, C = q.shape
+        out = attend(q.view(R, n, self.heads, C // self.heads).transpose(1, 2), kv[0], kv[1], mask_R11T)
+        out = out.transpose(1, 2).reshape(R, n, C)
+        return self.proj(out if packing is None else packing.pack(out))
 
 
 class Block(nn.Module):
@@ -83,10 +90,13 @@ class Block(nn.Module):
     def modulation(self, cond_R1C: torch.Tensor) -> Modulation:
         return self.ada(F.silu(cond_R1C)).chunk(6, dim=-1)
 
-    def forward(self, x_RnC, ada: Modulation, rope_2Rnd, cache, valid_Rn, text_kv, text_mask) -> torch.Tensor:
+    def forward(self, x_RnC, ada: Modulation, rope_2Rnd, cache, valid_Rn, text_kv, text_mask,
+                packing: Padding | None = None) -> torch.Tensor:
+        """x and ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both."""
         shift1, scale1, gate1, shift2, scale2, gate2 = ada
-        x_RnC = x_RnC + gate1 * self.attn(self.norm1(x_RnC) * (1 + scale1) + shift1, rope_2Rnd, cache, valid_Rn)
-        x_RnC = x_RnC + self.cross(self.norm_ca(x_RnC), text_kv, text_mask)
+        x_RnC = x_RnC + gate1 * self.attn(self.norm1(x_RnC) * (1 + scale1) + shift1, rope_2Rnd, cache, valid_Rn,
+                                          packing)
+        x_RnC = x_RnC + self.cross(self.norm_ca(x_RnC), text_kv, text_mask, packing)
         return x_RnC + gate2 * self.mlp(self.norm2(x_RnC) * (1 + scale2) + shift2)
 
 
@@ -113,16 +123,26 @@ class TinyTransformer(nn.Module):
         return Conditioning([block.modulation(cond_R1C) for block in self.blocks],
                             self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1))
 
-    def forward(self, x_RnC, stage, cond: Conditioning, rope_2Rnd, caches, valid_Rn, text: TextContext,
-                capture_block):
+    def forward(self, x_RnC, stage, cond: Conditioning, rope_2Rnd, caches, padding: Padding | None,
+                text: TextContext, capture_block):
+        """Logits (R, n, 2 * bits) and block capture_block's change (R, n); a padded stage runs packed."""
         x_RnC = (x_RnC if stage == 1 else self.word_embed(x_RnC)) + self.lvl_embed.weight[stage - 1]
+        packing, valid_Rn = worth_packing(padding), None if padding is None else padding.valid_Rn
+        if packing is not None:
+            x_RnC = packing.pack(x_RnC)
+            cond = Conditioning([tuple(map(packing.per_token, ada)) for ada in cond.blocks],
+                                tuple(map(packing.per_token, cond.head)))
         change_Rn = None
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, cond.blocks[i - 1], rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T)
+            x_RnC = block(x_RnC, cond.blocks[i - 1], rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T,
+                          packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
-        return self.logits(x_RnC, cond.head), change_Rn
+        logits = self.logits(x_RnC, cond.head)
+        if packing is None:
+            return logits, change_Rn
+        return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]
 
     def logits(self, x_RnC: torch.Tensor, head: Modulation) -> torch.Tensor:
         shift, scale = head

@@ -1,0 +1,84 @@
+"""Packed sparse stages (`sparsevar.packing`): in a batch whose images keep different numbers of tokens, the
+linear layers of every backend see the real tokens only, and the images stay those of single runs."""
+
+import pytest
+import torch
+
+from sparsevar.backends import build_backend
+from sparsevar.backends.hart.backend import HartBackend, load_parts
+from sparsevar.backends.hart.config import HartConfig
+from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, write_folders
+from sparsevar.backends.infinity.testing import write_checkpoints
+from sparsevar.backends.tiny.backend import TinyBackend
+from sparsevar.backends.tiny.config import TinyConfig
+from sparsevar.config import SamplingConfig, SparseVARConfig
+from sparsevar.generate import Request, generate
+from sparsevar.packing import MIN_PADDING_TO_PACK, Padding, worth_packing
+
+CPU = torch.device("cpu")
+REQUESTS = [Request("a red cat on a sofa", 1), Request("mountains at dawn", 2, "blurry, dark"),
+            Request("two triangles", 3)]
+
+
+def test_pack_unpack_and_per_token_follow_the_valid_mask():
+    valid_Rn = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, True]])
+    x_RnC = torch.randn(3, 4, 5)
+    packing = Padding(valid_Rn, tokens=8)
+    packed_1NC = packing.pack(x_RnC)
+    assert torch.equal(packed_1NC[0], x_RnC[valid_Rn])
+    unpacked = packing.unpack(packed_1NC)
+    assert torch.equal(unpacked[valid_Rn], x_RnC[valid_Rn]) and not unpacked[~valid_Rn].any()
+    mod_R1C = torch.randn(3, 1, 5)
+    assert torch.equal(packing.per_token(mod_R1C)[0], mod_R1C.expand(3, 4, 5)[valid_Rn])
+
+
+def test_only_enough_padding_is_packed_away():
+    valid_Rn = torch.arange(16).reshape(2, 8) < 8  # every slot real
+    for tokens in range(1, 17):
+        padded_share = 1 - tokens / 16
+        assert (worth_packing(Padding(valid_Rn, tokens)) is not None) == (padded_share >= MIN_PADDING_TO_PACK)
+    assert worth_packing(None) is None
+
+
+def tiny():
+    return TinyBackend(TinyConfig(dim=64, depth=4, heads=2, patch_sizes=[1, 2, 3, 4, 6, 8, 12, 16],
+                                  decoder_channels=16), SamplingConfig(), CPU)
+
+
+def infinity(tmp_path):
+    return build_backend(write_checkpoints(tmp_path, seed=0), SamplingConfig(cfg=3.0), "cpu", "float32")
+
+
+def hart(tmp_path):
+    folders = write_folders(tmp_path, TINY_ARCH, TINY_TOK, TextArch(hidden_size=TINY_ARCH.context_dim))
+    cfg = HartConfig(llm=str(folders.llm), tokenizer=str(folders.tokenizer), text_encoder=str(folders.text_encoder))
+    return HartBackend(cfg, SamplingConfig(cfg=4.5, top_p=1.0), load_parts(cfg, CPU, torch.float32), CPU)
+
+
+MLP_INPUT = {"tiny": lambda b: b.model.transformer.blocks[0].mlp[0], "infinity": lambda b: b.model.blocks[0].ffn.fc1,
+             "hart": lambda b: b.model.blocks[0].ffn.gate_proj}
+
+
+@pytest.mark.parametrize("name", ["tiny", "infinity", "hart"])
+def test_padded_stages_run_only_real_tokens_through_linear_layers(name, tmp_path):
+    backend = {"tiny": tiny, "infinity": infinity, "hart": hart}[name](*(() if name == "tiny" else (tmp_path,)))
+    sv = SparseVARConfig(tau=0.5, start_stage=4, score_block=2, anchor_grid=2)
+    rows: list[int] = []
+    handle = MLP_INPUT[name](backend).register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        batched = generate(backend, REQUESTS, sv)
+    finally:
+        handle.remove()
+    branches = backend.branches(backend.begin(["x"], [None], 1.0))
+    kept_by_stage = list(zip(*[[s.kept for s in r.stages] for r in batched], strict=True))
+
+    def packed(kept: tuple[int, ...]) -> bool:
+        return 1 - sum(kept) / (len(kept) * max(kept)) >= MIN_PADDING_TO_PACK
+
+    assert any(packed(kept) for kept in kept_by_stage), "no stage packed: the test would prove nothing"
+    # stage 1 of HART also runs the text context; later stages run the kept tokens of every row, and the padding
+    # too where there is little of it
+    assert rows[1:] == [branches * (sum(kept) if packed(kept) else len(kept) * max(kept)) for kept in kept_by_stage[1:]]
+    singles = [generate(backend, [r], sv)[0] for r in REQUESTS]
+    assert [r.pixels_HWC.tobytes() for r in singles] == [r.pixels_HWC.tobytes() for r in batched]
