@@ -8,10 +8,12 @@ Every ratio compares figures measured in the same run. Writes DIR/bench.json, DI
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,8 @@ def settings(sv: SparseVARConfig, taus: list[float], kept: list[float]) -> list[
     return out
 
 
-def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: list[float], repeats: int):
+def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: list[float],
+               repeats: int) -> list[dict[str, Any]]:
     torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
     backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
     judge = demo_judge(cfg.model)
@@ -105,7 +108,7 @@ def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: 
             print(f"B={B} {row['mode']:6} {row['normalize'] or '':8} tau={row['tau']} "
                   f"{row['latency_ms_median']:.0f} ms/img speedup {row['speedup']:.2f} "
                   f"ideal {row['flops_ratio']:.2f} eff {row['efficiency']:.2f}", flush=True)
-    return backend, rows
+    return rows
 
 
 def steady_window(written_at: list[datetime], warm: int) -> tuple[int, float]:
@@ -131,8 +134,13 @@ def pipeline_warm_up(cfg: JobConfig, prompts: int) -> int:
     return actors * B
 
 
-def bare_rate(backend: Backend, batch: list[Request], B: int, sv: SparseVARConfig) -> float:
-    """Images a second of the bare loop over the batches after the first, which warms up as an actor's does."""
+def bare_rate(config: dict[str, Any], prompts: int) -> float:
+    """Images a second of the bare loop in this process, over the batches after the first (its warm-up, as an
+    actor's first batch): the loop a user would write, a new process that builds the model and generates."""
+    cfg = JobConfig.model_validate(config)
+    torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
+    backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
+    B, batch, sv = cfg.ray.batch_size, requests(prompts), cfg.sparsevar
     generate(backend, batch[:B], sv)
     started = time.perf_counter()
     for i in range(B, len(batch), B):
@@ -167,27 +175,30 @@ def pipeline_run(cfg: JobConfig, source: Path, output: Path, prompts: int, warm:
             "first_batch_s": (rows[warm - 1]["written_at"] - job_start).total_seconds()}
 
 
-def bench_pipeline(cfg: JobConfig, backend: Backend, out: Path, prompts: int, rounds: int) -> dict[str, Any]:
+def bench_pipeline(cfg: JobConfig, out: Path, prompts: int, rounds: int) -> dict[str, Any]:
     """Steady-state Ray throughput, from the moment every actor has stored its first batch (read from the rows'
     `written_at`), against the bare loop on the same batches after the same warm-up, per actor; and the share of
     that time the actors spent generating (the rest: image encoding and writing, Ray's scheduling).
 
     This machine's speed drifts by more than the target's margin between runs, so bare loops and pipeline jobs
     alternate, bare first and last: each job is compared with the mean of the bare loops either side of it, and
-    the figures are the rounds' medians. With several actors the first `batch_size * num_actors` images stand for
-    every actor's first batch: an approximation, as a fast actor may store its second batch before a slow one
-    its first."""
+    the figures are the rounds' medians. Each bare loop runs in a new process, as each job's actors do: in this
+    one, after minutes of benchmarking, the same loop ran up to 13 % slower. With several actors the first
+    `batch_size * num_actors` images stand for every actor's first batch: an approximation, as a fast actor may
+    store its second batch before a slow one its first."""
     B, actors, warm = cfg.ray.batch_size, cfg.ray.num_actors, pipeline_warm_up(cfg, prompts)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"images_per_prompt": 1})})  # as the loop
     batch = requests(prompts)
     source = out / "pipeline.jsonl"
     source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": r.prompt, "seed": r.seed}) + "\n"
                               for i, r in enumerate(batch)))
-    bare = [bare_rate(backend, batch, B, cfg.sparsevar)]
-    jobs = []
-    for i in range(rounds):
-        jobs.append(pipeline_run(cfg, source, out / f"pipeline-{i}", prompts, warm))
-        bare.append(bare_rate(backend, batch, B, cfg.sparsevar))
+    config = cfg.model_dump(mode="json")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as fresh:
+        bare = [fresh.submit(bare_rate, config, prompts).result()]
+        jobs = []
+        for i in range(rounds):
+            jobs.append(pipeline_run(cfg, source, out / f"pipeline-{i}", prompts, warm))
+            bare.append(fresh.submit(bare_rate, config, prompts).result())
     overheads = [((before + after) / 2 * actors / job["rate"] - 1) * 100
                  for before, after, job in zip(bare[:-1], bare[1:], jobs, strict=True)]
     first = jobs[0]
@@ -277,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend, rows = bench_loop(cfg, args.batch_sizes, args.taus, args.kept, args.repeats)
+    rows = bench_loop(cfg, args.batch_sizes, args.taus, args.kept, args.repeats)
     pipeline = None
     if not args.no_pipeline:
-        pipeline = bench_pipeline(cfg, backend, out, args.pipeline_prompts, args.pipeline_rounds)
+        pipeline = bench_pipeline(cfg, out, args.pipeline_prompts, args.pipeline_rounds)
     write_report(out, rows, pipeline, "python -m workflows.bench " + " ".join(argv or sys.argv[1:]))
     print((out / "bench.md").read_text())
     return 0
