@@ -29,6 +29,7 @@ class Padding:
 
     @cached_property
     def row_N(self) -> torch.Tensor:
+        """The row of each real token, for per-row tensors."""
         return self.flat_N // self.n
 
     def pack(self, x_RnC: torch.Tensor) -> torch.Tensor:

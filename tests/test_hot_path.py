@@ -115,3 +115,23 @@ def test_a_block_launches_few_kernels_under_bf16_autocast(make, most, monkeypatc
     monkeypatch.setattr(block_class, "forward", counted)
     generate(backend, [Request("a red fox", 1)], SparseVARConfig(enabled=False))
     assert statistics.median(counts) <= most
+
+
+@pytest.mark.parametrize("make", [infinity_backend, hart_backend])
+def test_a_packed_stage_reads_nothing_more(make, monkeypatch):
+    """Packing takes its token count from the host (the kept counts), so it adds no wait on the device."""
+    from sparsevar.packing import Padding
+
+    backend, start_stage = make()
+    packs, pack = [0], Padding.pack
+
+    def counted(self, x_RnC, _pack=pack):
+        packs[0] += 1
+        return _pack(self, x_RnC)
+
+    sv = SparseVARConfig(tau=0.5, start_stage=start_stage, score_block=2)
+    stages = len(backend.schedule(1.0))
+    with monkeypatch.context() as patch:
+        patch.setattr(Padding, "pack", counted)
+        reads = stage_reads(backend, sv, monkeypatch)
+    assert packs[0] > 0 and reads == stages - start_stage + 1

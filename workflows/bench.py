@@ -7,6 +7,7 @@ Every ratio compares figures measured in the same run. Writes DIR/bench.json, DI
 """
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import shutil
@@ -148,6 +149,13 @@ def bare_rate(config: dict[str, Any], prompts: int) -> float:
     return (len(batch) - B) / (time.perf_counter() - started)
 
 
+def bare_rate_in_new_process(config: dict[str, Any], prompts: int) -> float:
+    """`bare_rate` in a new Python process, which ends with it (a pool would start the next one at once, and it
+    would import torch beside the pipeline job being timed)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as new_process:
+        return new_process.submit(bare_rate, config, prompts).result()
+
+
 def pipeline_run(cfg: JobConfig, source: Path, output: Path, prompts: int, warm: int) -> dict[str, float]:
     """One job of the Ray pipeline (a cluster of its own when none is connected): its steady-state images a second,
     the share of that time its actors spent generating, cluster start and time to every actor's first batch."""
@@ -182,8 +190,9 @@ def bench_pipeline(cfg: JobConfig, out: Path, prompts: int, rounds: int) -> dict
 
     This machine's speed drifts by more than the target's margin between runs, so bare loops and pipeline jobs
     alternate, bare first and last: each job is compared with the mean of the bare loops either side of it, and
-    the figures are the rounds' medians. Each bare loop runs in a new process, as each job's actors do: in this
-    one, after minutes of benchmarking, the same loop ran up to 13 % slower. With several actors the first
+    the rates and overhead reported are those of the median round (every round's overhead is listed); start-up
+    figures are the first job's. Each bare loop runs in a new process, as each job's actors do: in this one,
+    after minutes of benchmarking, the same loop ran up to 13 % slower. With several actors the first
     `batch_size * num_actors` images stand for every actor's first batch: an approximation, as a fast actor may
     store its second batch before a slow one its first."""
     B, actors, warm = cfg.ray.batch_size, cfg.ray.num_actors, pipeline_warm_up(cfg, prompts)
@@ -193,25 +202,23 @@ def bench_pipeline(cfg: JobConfig, out: Path, prompts: int, rounds: int) -> dict
     source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": r.prompt, "seed": r.seed}) + "\n"
                               for i, r in enumerate(batch)))
     config = cfg.model_dump(mode="json")
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as fresh:
-        bare = [fresh.submit(bare_rate, config, prompts).result()]
-        jobs = []
-        for i in range(rounds):
-            jobs.append(pipeline_run(cfg, source, out / f"pipeline-{i}", prompts, warm))
-            bare.append(fresh.submit(bare_rate, config, prompts).result())
-    overheads = [((before + after) / 2 * actors / job["rate"] - 1) * 100
-                 for before, after, job in zip(bare[:-1], bare[1:], jobs, strict=True)]
+    bare, jobs = [bare_rate_in_new_process(config, prompts)], []
+    for i in range(rounds):
+        jobs.append(pipeline_run(cfg, source, out / f"pipeline-{i}", prompts, warm))
+        bare.append(bare_rate_in_new_process(config, prompts))
+    bare_rates = [(before + after) / 2 for before, after in itertools.pairwise(bare)]
+    overheads = [(rate * actors / job["rate"] - 1) * 100 for rate, job in zip(bare_rates, jobs, strict=True)]
+    median = sorted(range(rounds), key=overheads.__getitem__)[(rounds - 1) // 2]
     first = jobs[0]
-    ray_rate = statistics.median(job["rate"] for job in jobs)
-    return {"bare_images_per_sec": statistics.median(bare), "ray_images_per_sec": ray_rate,
-            "overhead_pct": statistics.median(overheads), "overhead_pct_rounds": overheads,
+    return {"bare_images_per_sec": bare_rates[median], "ray_images_per_sec": jobs[median]["rate"],
+            "overhead_pct": overheads[median], "overhead_pct_rounds": overheads,
             "actor_generating_pct": statistics.median(job["generating_pct"] for job in jobs),
             "cluster_start_s": first["cluster_start_s"], "first_batch_s": first["first_batch_s"],
             "actor_startup_s": first["first_batch_s"] - B * actors / first["rate"],
             "prompts": prompts, "batch_size": B, "actors": actors, "rounds": rounds}
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, float] | None, command: str) -> None:
+def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, Any] | None, command: str) -> None:
     (out / "bench.json").write_text(json.dumps({"command": command, "rows": rows, "pipeline": pipeline}, indent=2))
     lines = [f"`{command}`", "", "| batch | mode | normalize | τ | ms/image | speed-up | FLOPs ratio | efficiency |"
              " kept (≥P) | overhead ms | yardstick |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -229,6 +236,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, floa
 
 
 def _figure(value: int | float | list[float]) -> str:
+    """A pipeline figure for the markdown table: counts as they are, rates and times to 3 places, lists to 2."""
     if isinstance(value, list):
         return ", ".join(f"{v:.2f}" for v in value)
     return str(value) if isinstance(value, int) else f"{value:.3f}"

@@ -14,6 +14,8 @@ own time (scoring, gathering, filling) and peak GPU memory (both models' weights
 built first and the batches run in turn, so a run cut short still covers both. Rows print as they finish; --out
 (JSON, per-stage figures included) is rewritten after each; the markdown table prints at the end. Random weights
 make min-max kept ratios differ from the real models'; quantile keeps the same fraction whatever the weights.
+With --unpacked, every sparse setting at batch > 1 also runs with its padded stages padded rather than packed
+(`sparsevar.packing`), so the packing's gain is a ratio from one run.
 """
 
 import argparse
@@ -21,6 +23,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from sparsevar import packing  # noqa: E402
 from sparsevar.backends import resolve_device  # noqa: E402
 from sparsevar.config import SamplingConfig, SparseVARConfig  # noqa: E402
 from sparsevar.flops import flops_ratio  # noqa: E402
@@ -242,9 +247,20 @@ def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) ->
     }
 
 
+@contextmanager
+def packed(enabled: bool) -> Iterator[None]:
+    """Eager padded stages packed as the backends do (`sparsevar.packing`), or run padded, for an A/B."""
+    threshold = packing.MIN_PADDING_TO_PACK
+    packing.MIN_PADDING_TO_PACK = threshold if enabled else 1.0  # 1.0: no stage is ever packed
+    try:
+        yield
+    finally:
+        packing.MIN_PADDING_TO_PACK = threshold
+
+
 def setting(row: dict) -> str:
     name = "dense" if row["mode"] == "dense" else f"{row['normalize']} τ={row['tau']}"
-    return name + (" graphs" if row.get("graphs") else "")
+    return name + (" graphs" if row.get("graphs") else "") + ("" if row.get("packed", True) else " unpacked")
 
 
 def table(rows: list[dict]) -> str:
@@ -291,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-experiment", action="store_true",
                         help="time Infinity's VAE decode of one image in NCHW, channels_last, with bf16 conv "
                         "weights (and with --compile, compiled), with each one's top kernels")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="at batch > 1, also time every sparse setting with its padded stages run padded (no "
+                        "packing), eagerly, against the packed rows of the same run")
     parser.add_argument("--smoke", action="store_true", help="tiny architectures and schedules, for a CPU check")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -346,12 +365,15 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if graphs:
                         backend.use_cuda_graphs(True)
-                    for sv in svs:  # dense first
-                        row = {"model": name, "batch": batch, "graphs": graphs,
+                    ab = args.unpacked and batch > 1 and not graphs
+                    variants = [(s, p) for s in svs for p in ([True, False] if ab and s.enabled else [True])]
+                    for sv, pack in variants:  # dense first
+                        with packed(pack):
+                            figures = measure(backend, batch, sv, warmup + 2 * graphs, runs)
+                        row = {"model": name, "batch": batch, "graphs": graphs, "packed": pack,
                                "mode": "sparse" if sv.enabled else "dense",
                                "normalize": sv.normalize if sv.enabled else None,
-                               "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(),
-                               **measure(backend, batch, sv, warmup + 2 * graphs, runs)}
+                               "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **figures}
                         if not sv.enabled:
                             dense_ms = row["latency_ms"]
                             eager_dense_ms.setdefault((name, batch), dense_ms)

@@ -178,13 +178,13 @@ class HartTransformer(nn.Module):
         """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s per-token
         change (`block_scores`). With packing (the stage's padding, whose valid_Rn this is), only the real tokens
         run outside attention (`sparsevar.packing`)."""
-        blocks = cond.blocks
         if packing is not None:
             x_RnC = packing.pack(x_RnC)
-            blocks = [replace(ctx, ada=tuple(map(packing.per_token, ctx.ada))) for ctx in blocks]
         change_Rn = None
-        for i, (block, ctx, cache) in enumerate(zip(self.blocks, blocks, caches, strict=True), start=1):
+        for i, (block, ctx, cache) in enumerate(zip(self.blocks, cond.blocks, caches, strict=True), start=1):
             x_in = x_RnC
+            if packing is not None:  # per-token modulations one block at a time: all at once would be depth × larger
+                ctx = replace(ctx, ada=tuple(map(packing.per_token, ctx.ada)))
             x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn, packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)

@@ -268,14 +268,15 @@ class Infinity(nn.Module):
         """
         x_RnC = x_RnC if stage == 1 else self.word_embed(x_RnC)
         x_RnC = x_RnC.float() + self.lvl_embed.weight[stage - 1]
-        blocks, head = text.blocks, text.head
-        if packing is not None:
+        head = text.head
+        if packing is not None:  # per-token modulations one block at a time: all at once would be depth × larger
             x_RnC = packing.pack(x_RnC)
-            blocks = [replace(ctx, ada=tuple(map(packing.per_token, ctx.ada))) for ctx in blocks]
             head = tuple(map(packing.per_token, head))
         change_Rn = None
-        for i, (block, ctx, cache) in enumerate(zip(self.blocks, blocks, caches, strict=True), start=1):
+        for i, (block, ctx, cache) in enumerate(zip(self.blocks, text.blocks, caches, strict=True), start=1):
             x_in = x_RnC
+            if packing is not None:
+                ctx = replace(ctx, ada=tuple(map(packing.per_token, ctx.ada)))
             x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T, packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)

@@ -15,6 +15,7 @@ from sparsevar.backends.tiny.decoder import Decoder
 from sparsevar.backends.tiny.text import ByteTokenizer, TextEncoder
 from sparsevar.backends.tiny.transformer import Conditioning, TextContext, TinyTransformer
 from sparsevar.config import SamplingConfig
+from sparsevar.packing import worth_packing
 from sparsevar.sampling import sample_bits
 
 DEMO_WEIGHTS = Path(__file__).parents[2] / "demo" / "weights" / "demo.safetensors"
@@ -147,7 +148,8 @@ class TinyBackend:
         else:
             rope = table_2Ld[:, positions_Rn]
         return self.model.transformer(
-            x_RnC, stage, state.cond, rope, state.caches, padding, state.text, capture_block
+            x_RnC, stage, state.cond, rope, state.caches, None if padding is None else padding.valid_Rn, state.text,
+            capture_block, worth_packing(padding),
         )
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevar.attention import KVCache, apply_rope, attend
-from sparsevar.packing import Padding, worth_packing
+from sparsevar.packing import Padding
 from sparsevar.sparse import block_scores
 
 
@@ -123,23 +123,21 @@ class TinyTransformer(nn.Module):
         return Conditioning([block.modulation(cond_R1C) for block in self.blocks],
                             self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1))
 
-    def forward(self, x_RnC, stage, cond: Conditioning, rope_2Rnd, caches, padding: Padding | None,
-                text: TextContext, capture_block):
-        """Logits (R, n, 2 * bits) and block capture_block's change (R, n); a padded stage runs packed."""
+    def forward(self, x_RnC, stage, cond: Conditioning, rope_2Rnd, caches, valid_Rn, text: TextContext,
+                capture_block, packing: Padding | None = None):
+        """Logits (R, n, 2 * bits) and block capture_block's change (R, n). With packing (the stage's padding,
+        whose valid_Rn this is), only the real tokens run outside attention (`sparsevar.packing`)."""
         x_RnC = (x_RnC if stage == 1 else self.word_embed(x_RnC)) + self.lvl_embed.weight[stage - 1]
-        packing, valid_Rn = worth_packing(padding), None if padding is None else padding.valid_Rn
         if packing is not None:
             x_RnC = packing.pack(x_RnC)
-            cond = Conditioning([tuple(map(packing.per_token, ada)) for ada in cond.blocks],
-                                tuple(map(packing.per_token, cond.head)))
         change_Rn = None
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            x_RnC = block(x_RnC, cond.blocks[i - 1], rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T,
-                          packing)
+            ada = cond.blocks[i - 1] if packing is None else tuple(map(packing.per_token, cond.blocks[i - 1]))
+            x_RnC = block(x_RnC, ada, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T, packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
-        logits = self.logits(x_RnC, cond.head)
+        logits = self.logits(x_RnC, cond.head if packing is None else tuple(map(packing.per_token, cond.head)))
         if packing is None:
             return logits, change_Rn
         return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]
