@@ -1,6 +1,9 @@
 """Packed sparse stages (`sparsevar.packing`): in a batch whose images keep different numbers of tokens, the
 linear layers of every backend see the real tokens only, and the images stay those of single runs."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -21,6 +24,8 @@ CPU = torch.device("cpu")
 
 def pixels(results) -> list[bytes]:
     return [r.pixels_HWC.tobytes() for r in results]
+
+
 REQUESTS = [Request("a red cat on a sofa", 1), Request("mountains at dawn", 2, "blurry, dark"),
             Request("two triangles", 3)]
 
@@ -64,19 +69,25 @@ MLP_INPUT = {"tiny": lambda b: b.model.transformer.blocks[0].mlp[0], "infinity":
              "hart": lambda b: b.model.blocks[0].ffn.gate_proj}
 
 
+@contextmanager
+def rows_into(linear: torch.nn.Module) -> Iterator[list[int]]:
+    """The number of token rows of each call of a linear layer (one call per stage)."""
+    rows: list[int] = []
+    handle = linear.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize(("name", "dtype"), [("tiny", torch.float32), ("infinity", torch.float32),
                                              ("hart", torch.float32), ("infinity", torch.bfloat16),
                                              ("hart", torch.bfloat16)])
 def test_padded_stages_run_only_real_tokens_through_linear_layers(name, dtype, tmp_path, monkeypatch):
     backend = tiny() if name == "tiny" else {"infinity": infinity, "hart": hart}[name](tmp_path, dtype)
     sv = SparseVARConfig(tau=0.5, start_stage=4, score_block=2, anchor_grid=2)
-    rows: list[int] = []
-    handle = MLP_INPUT[name](backend).register_forward_hook(
-        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
-    try:
+    with rows_into(MLP_INPUT[name](backend)) as rows:
         batched = generate(backend, REQUESTS, sv)
-    finally:
-        handle.remove()
     branches = backend.branches(backend.begin(["x"], [None], 1.0))
     kept_by_stage = list(zip(*[[s.kept for s in r.stages] for r in batched], strict=True))
 
@@ -88,7 +99,9 @@ def test_padded_stages_run_only_real_tokens_through_linear_layers(name, dtype, t
     # too where there is little of it
     assert rows[1:] == [branches * (sum(kept) if packed(kept) else len(kept) * max(kept)) for kept in kept_by_stage[1:]]
     monkeypatch.setattr(packing, "MIN_PADDING_TO_PACK", 1.0)  # nothing packed: the same batch run padded
-    assert pixels(generate(backend, REQUESTS, sv)) == pixels(batched)
+    with rows_into(MLP_INPUT[name](backend)) as padded_rows:
+        assert pixels(generate(backend, REQUESTS, sv)) == pixels(batched)
+    assert padded_rows[1:] == [branches * len(kept) * max(kept) for kept in kept_by_stage[1:]]
     if dtype == torch.float32:  # in bf16 a batch's images differ from single runs with or without packing
         assert pixels([generate(backend, [r], sv)[0] for r in REQUESTS]) == pixels(batched)
 
@@ -99,13 +112,8 @@ def test_cuda_graph_mode_runs_padded_stages_padded(tmp_path):
     backend = infinity(tmp_path, torch.float32)
     with pytest.warns(UserWarning, match="emulates"):
         backend.use_cuda_graphs(True)
-    rows: list[int] = []
-    handle = MLP_INPUT["infinity"](backend).register_forward_hook(
-        lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
-    try:
+    with rows_into(MLP_INPUT["infinity"](backend)) as rows:
         batched = generate(backend, REQUESTS, SparseVARConfig(tau=0.5, start_stage=4, score_block=2, anchor_grid=2))
-    finally:
-        handle.remove()
     branches = backend.branches(backend.begin(["x"], [None], 1.0))
     kept_by_stage = list(zip(*[[s.kept for s in r.stages] for r in batched], strict=True))
     assert any(1 - sum(kept) / (len(kept) * max(kept)) >= MIN_PADDING_TO_PACK for kept in kept_by_stage)

@@ -149,6 +149,13 @@ def bare_rate(config: dict[str, Any], prompts: int) -> float:
     return (len(batch) - B) / (time.perf_counter() - started)
 
 
+def median_round(overheads: list[float]) -> int:
+    """The round whose overhead is the median of an odd number of rounds, so that its figures reconcile."""
+    if len(overheads) % 2 == 0:
+        raise ValueError(f"{len(overheads)} rounds have no middle one: give an odd number")
+    return sorted(range(len(overheads)), key=overheads.__getitem__)[len(overheads) // 2]
+
+
 def bare_rate_in_new_process(config: dict[str, Any], prompts: int) -> float:
     """`bare_rate` in a new Python process, which ends with it (a pool would start the next one at once, and it
     would import torch beside the pipeline job being timed)."""
@@ -208,11 +215,10 @@ def bench_pipeline(cfg: JobConfig, out: Path, prompts: int, rounds: int) -> dict
         bare.append(bare_rate_in_new_process(config, prompts))
     bare_rates = [(before + after) / 2 for before, after in itertools.pairwise(bare)]
     overheads = [(rate * actors / job["rate"] - 1) * 100 for rate, job in zip(bare_rates, jobs, strict=True)]
-    median = sorted(range(rounds), key=overheads.__getitem__)[(rounds - 1) // 2]
-    first = jobs[0]
+    median, first = median_round(overheads), jobs[0]
     return {"bare_images_per_sec": bare_rates[median], "ray_images_per_sec": jobs[median]["rate"],
             "overhead_pct": overheads[median], "overhead_pct_rounds": overheads,
-            "actor_generating_pct": statistics.median(job["generating_pct"] for job in jobs),
+            "actor_generating_pct": jobs[median]["generating_pct"],
             "cluster_start_s": first["cluster_start_s"], "first_batch_s": first["first_batch_s"],
             "actor_startup_s": first["first_batch_s"] - B * actors / first["rate"],
             "prompts": prompts, "batch_size": B, "actors": actors, "rounds": rounds}
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-prompts", type=int, default=32, metavar="N",
                         help="prompts of the Ray pipeline run; every actor's first batch is warm-up")
     parser.add_argument("--pipeline-rounds", type=int, default=3, metavar="K",
-                        help="pipeline jobs, each between two bare loops; figures are the rounds' medians")
+                        help="pipeline jobs (an odd number), each between two bare loops; the figures are the "
+                        "median round's")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Ray pipeline comparison")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -289,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not args.no_pipeline:
             pipeline_warm_up(cfg, args.pipeline_prompts)  # before minutes of loop timing
-            if args.pipeline_rounds < 1:
-                raise ValueError(f"--pipeline-rounds {args.pipeline_rounds}: give at least 1")
+            if args.pipeline_rounds < 1 or args.pipeline_rounds % 2 == 0:
+                raise ValueError(f"--pipeline-rounds {args.pipeline_rounds}: give an odd number (1, 3, 5, ...), so "
+                                 "that a median round exists")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -260,7 +260,7 @@ def packed(enabled: bool) -> Iterator[None]:
 
 def setting(row: dict) -> str:
     name = "dense" if row["mode"] == "dense" else f"{row['normalize']} τ={row['tau']}"
-    return name + (" graphs" if row.get("graphs") else "") + ("" if row.get("packed", True) else " unpacked")
+    return name + (" graphs" if row.get("graphs") else "") + (" unpacked" if row.get("packed") is False else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -365,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if graphs:
                         backend.use_cuda_graphs(True)
-                    ab = args.unpacked and batch > 1 and not graphs
-                    variants = [(s, p) for s in svs for p in ([True, False] if ab and s.enabled else [True])]
+                    can_pack = batch > 1 and not graphs  # graphs run padded shapes; a single image has none
+                    variants = [(s, p) for s in svs
+                                for p in ([True, False] if args.unpacked and can_pack and s.enabled else [True])]
                     for sv, pack in variants:  # dense first
                         with packed(pack):
                             figures = measure(backend, batch, sv, warmup + 2 * graphs, runs)
-                        row = {"model": name, "batch": batch, "graphs": graphs, "packed": pack,
+                        row = {"model": name, "batch": batch, "graphs": graphs,
+                               "packed": pack if can_pack and sv.enabled else None,  # None: nothing to pack
                                "mode": "sparse" if sv.enabled else "dense",
                                "normalize": sv.normalize if sv.enabled else None,
                                "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **figures}

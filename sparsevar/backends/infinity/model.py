@@ -268,18 +268,17 @@ class Infinity(nn.Module):
         """
         x_RnC = x_RnC if stage == 1 else self.word_embed(x_RnC)
         x_RnC = x_RnC.float() + self.lvl_embed.weight[stage - 1]
-        head = text.head
-        if packing is not None:  # per-token modulations one block at a time: all at once would be depth × larger
+        if packing is not None:
             x_RnC = packing.pack(x_RnC)
-            head = tuple(map(packing.per_token, head))
         change_Rn = None
         for i, (block, ctx, cache) in enumerate(zip(self.blocks, text.blocks, caches, strict=True), start=1):
             x_in = x_RnC
-            if packing is not None:
+            if packing is not None:  # per-token modulations one block at a time: all at once would be depth × larger
                 ctx = replace(ctx, ada=tuple(map(packing.per_token, ctx.ada)))
             x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T, packing)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
+        head = text.head if packing is None else tuple(map(packing.per_token, text.head))
         with torch.autocast(x_RnC.device.type, enabled=False):
             logits = self.head(self.head_nm(x_RnC.float(), head))
         if packing is None:
