@@ -36,10 +36,11 @@ class Padding:
         """(R, n, C) -> (1, N, C), the real tokens in row-major order."""
         return x_RnC.reshape(self.rows * self.n, -1).index_select(0, self.flat_N).unsqueeze(0)
 
-    def unpack(self, x_1NC: torch.Tensor) -> torch.Tensor:
-        """(1, N, C) -> (R, n, C), zeros on padding."""
-        out = x_1NC.new_zeros(self.rows * self.n, x_1NC.shape[-1])
-        return out.index_copy_(0, self.flat_N, x_1NC[0]).view(self.rows, self.n, -1)
+    def unpack(self, x_1N: torch.Tensor) -> torch.Tensor:
+        """(1, N, ...) -> (R, n, ...), zeros on padding: hidden states and logits (C), or per-token scores."""
+        rest = x_1N.shape[2:]
+        out = x_1N.new_zeros(self.rows * self.n, *rest)
+        return out.index_copy_(0, self.flat_N, x_1N[0]).view(self.rows, self.n, *rest)
 
     def per_token(self, t_R1C: torch.Tensor) -> torch.Tensor:
         """A per-row tensor (an AdaLN modulation) repeated for each real token of its row: (R, 1, C) -> (1, N, C)."""

@@ -38,6 +38,8 @@ def test_pack_unpack_and_per_token_follow_the_valid_mask():
     assert torch.equal(packed_1NC[0], x_RnC[valid_Rn])
     unpacked = packing.unpack(packed_1NC)
     assert torch.equal(unpacked[valid_Rn], x_RnC[valid_Rn]) and not unpacked[~valid_Rn].any()
+    scores_Rn = packing.unpack(packed_1NC[..., 0])  # per-token scores: no channel dimension
+    assert torch.equal(scores_Rn, unpacked[..., 0])
     mod_R1C = torch.randn(3, 1, 5)
     assert torch.equal(packing.per_token(mod_R1C)[0], mod_R1C.expand(3, 4, 5)[valid_Rn])
 

@@ -190,7 +190,7 @@ class HartTransformer(nn.Module):
                 change_Rn = block_scores(x_in, x_RnC)
         if packing is None:
             return x_RnC, change_Rn
-        return packing.unpack(x_RnC), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]
+        return packing.unpack(x_RnC), None if change_Rn is None else packing.unpack(change_Rn)
 
     def logits(self, h_RnC: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.head(self.head_nm(h_RnC, cond.head)).float()

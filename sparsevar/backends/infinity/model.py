@@ -283,4 +283,4 @@ class Infinity(nn.Module):
             logits = self.head(self.head_nm(x_RnC.float(), head))
         if packing is None:
             return logits, change_Rn
-        return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]
+        return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn)

@@ -140,7 +140,7 @@ class TinyTransformer(nn.Module):
         logits = self.logits(x_RnC, cond.head if packing is None else tuple(map(packing.per_token, cond.head)))
         if packing is None:
             return logits, change_Rn
-        return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn[..., None])[..., 0]
+        return packing.unpack(logits), None if change_Rn is None else packing.unpack(change_Rn)
 
     def logits(self, x_RnC: torch.Tensor, head: Modulation) -> torch.Tensor:
         shift, scale = head
