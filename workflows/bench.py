@@ -87,10 +87,15 @@ def settings(sv: SparseVARConfig, taus: list[float], kept: list[float]) -> list[
     return out
 
 
+def actor_like_backend(cfg: JobConfig) -> Backend:
+    """The configured backend, with the torch threads of one generation actor (`ray.num_cpus_per_actor`)."""
+    torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
+    return build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
+
+
 def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: list[float],
                repeats: int) -> list[dict[str, Any]]:
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
-    backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
+    backend = actor_like_backend(cfg)
     judge = demo_judge(cfg.model)
     rows = []
     svs = settings(cfg.sparsevar, taus, kept)  # dense first
@@ -139,8 +144,7 @@ def bare_rate(config: dict[str, Any], prompts: int) -> float:
     """Images a second of the bare loop in this process, over the batches after the first (its warm-up, as an
     actor's first batch): the loop a user would write, a new process that builds the model and generates."""
     cfg = JobConfig.model_validate(config)
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
-    backend = build_backend(localize_checkpoints(cfg.model), cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
+    backend = actor_like_backend(cfg)
     B, batch, sv = cfg.ray.batch_size, requests(prompts), cfg.sparsevar
     generate(backend, batch[:B], sv)
     started = time.perf_counter()
