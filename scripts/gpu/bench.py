@@ -134,9 +134,9 @@ def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
     weights under bf16 autocast) and in variants: the decoder in channels_last (cuDNN's fast layout for bf16
     convolutions), that with phase-split upsampling (PhaseUpsample), and on a GPU both with their convolution
     weights stored in bf16 (autocast casts them at every call; norms stay fp32) and, with `compile_decoder`, the
-    bf16 one torch.compile'd. Each: median ms, the largest pixel difference from the backend's way, and the kernels
-    that took most of one decode's time; also whether GroupNorm keeps channels_last. Variants run on copies: the
-    backend is left as it was."""
+    bf16 one torch.compile'd; then three of them again with cuDNN's autotuner on (`cudnn.benchmark`). Each: median
+    ms, the largest pixel difference from the backend's way, and the kernels that took most of one decode's time;
+    also whether GroupNorm keeps channels_last. Variants run on copies: the backend is left as it was."""
     import copy
 
     device = backend.device
@@ -193,6 +193,14 @@ def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
             results[name] = timed(decoder, layout)
         except Exception as exc:  # noqa: BLE001 - one variant's failure (a compile) leaves the others' figures
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    if device.type == "cuda":  # cuDNN's autotuner, against its heuristics above: every image has the same shapes
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            for name in ("nchw", "channels_last_bf16_convs", "channels_last_bf16_convs_phase_upsample"):
+                results[f"{name}_cudnn_benchmark"] = timed(*variants[name])
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
     for name, (decoder, layout) in variants.items():
         if "error" not in results[name]:
             results[name]["top_kernels"] = profile(decoder, layout)
