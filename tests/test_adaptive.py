@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from sparsevar.adaptive import AdaptiveConfig, Controller, Curve, per_actor_latency_ms
+from workflows.adaptive_report import AdaptiveReport
 from workflows.config import ConfigError, load_config
 
 TINY = "configs/tiny-random.yaml"
@@ -155,3 +156,20 @@ def test_adaptive_config_errors_name_the_key():
         load_config(TINY, ["adaptive.enabled=true", "adaptive.calibration=x"])
     with pytest.raises(ConfigError, match="needs sparsevar.enabled"):
         load_config(TINY, [*ADAPTIVE, "sparsevar.enabled=false"])
+
+
+def _report(at_bound: float, tau_bound: float, missed_by: float = 0.2) -> AdaptiveReport:
+    return AdaptiveReport(target_images_per_sec=2.0, target_latency_ms=500.0, achieved_images_per_sec=1.6,
+                          predicted_max_images_per_sec=2.5, tau_bound=tau_bound, tau_mean=0.3, tau_median=0.3,
+                          tau_lowest=0.0, tau_highest=tau_bound if at_bound else 0.5, at_bound=at_bound,
+                          missed_by=missed_by)
+
+
+def test_missed_target_advice_fits_where_tau_was():
+    held_below = str(_report(at_bound=0.0, tau_bound=1.0))
+    assert "target missed by 20.0%" in held_below and "τ never reached its bound" in held_below
+    assert "tau_max" not in held_below
+    assert "raise adaptive.tau_max" in str(_report(at_bound=0.8, tau_bound=0.7))
+    at_one = str(_report(at_bound=0.8, tau_bound=1.0))
+    assert "tau_max" not in at_one and "lower the target or add actors" in at_one
+    assert "missed" not in str(_report(at_bound=0.0, tau_bound=1.0, missed_by=0.0))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from actors.calibration import CalibrationError, controller_for, load_curve, read_calibration
@@ -163,6 +164,7 @@ def test_run_json_holds_no_adaptive_section_for_plain_runs_and_no_secrets(overri
     assert "adaptive" not in written and written["images_per_sec"] == 0.5
     assert written["prompts"] == "s3://***@bucket/prompts.jsonl" and written["extra"]["aws_secret_access_key"] == "***"
     assert written["config"]["model"]["patch_sizes"] == cfg.model.patch_sizes
+    assert written["versions"]["torch"] == torch.__version__ and written["versions"]["sparsevar"]
 
 
 def test_bad_calibrate_inputs_exit_2(tmp_path, overrides, capsys):

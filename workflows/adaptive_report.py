@@ -43,9 +43,19 @@ class AdaptiveReport:
                      f"-{self.tau_highest:.3f}; {self.at_bound:.0%} of images at the bound {self.tau_bound:.3f}")
         if self.missed_by > 0:
             lines.append(f"target missed by {self.missed_by:.1%} (calibration predicts at most "
-                         f"{self.predicted_max_images_per_sec:.2f} images/s at τ {self.tau_bound:.3f}); raise "
-                         "adaptive.tau_max, lower the target or add actors")
+                         f"{self.predicted_max_images_per_sec:.2f} images/s at τ {self.tau_bound:.3f}); {self.advice}")
         return "\n".join(lines)
+
+    @property
+    def advice(self) -> str:
+        """What to change after a missed target: it depends on whether τ ever got to its bound."""
+        if self.at_bound == 0:  # τ was held below the bound: the calibration said it was enough
+            return ("τ never reached its bound, so the calibration overrated this run's speed and too few batches "
+                    "per actor came to correct it (a slow pace is followed after three); give each actor more "
+                    "batches, or calibrate again on this machine as loaded")
+        if self.tau_bound < 1:
+            return "raise adaptive.tau_max (or lower adaptive.min_psnr), lower the target or add actors"
+        return "lower the target or add actors"
 
 
 def adaptive_report(table: pa.Table, cfg: JobConfig, controller: Controller) -> AdaptiveReport:

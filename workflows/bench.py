@@ -281,7 +281,8 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/bench-cpu.yaml")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])

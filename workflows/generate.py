@@ -14,6 +14,7 @@ import posixpath
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
+from ray.util.annotations import RayDeprecationWarning
 
 from actors.calibration import CalibrationError, controller_for
 from actors.config import JobConfig
@@ -46,7 +48,7 @@ from workflows.resume import (
     unrecord_images,
     unrecord_shards,
 )
-from workflows.run_record import write_run_json
+from workflows.run_record import versions, write_run_json
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -201,27 +203,31 @@ def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Da
     else:
         rows = B * min(16, max(1, math.ceil(todo.num_rows / (B * 4 * high))))
         blocks, batch_size = [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)], B
-    return ray.data.from_arrow(blocks).map_batches(
-        Generator,
-        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_gpus=cfg.ray.num_gpus_per_actor or None,
-        num_cpus=cfg.ray.num_cpus_per_actor,
-        max_restarts=cfg.ray.max_restarts,
-        max_task_retries=cfg.ray.max_task_retries,
-    )
+    with warnings.catch_warnings():  # the retry limits have no named parameter yet; pyproject pins Ray below 2.64
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        return ray.data.from_arrow(blocks).map_batches(
+            Generator,
+            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            num_gpus=cfg.ray.num_gpus_per_actor or None,
+            num_cpus=cfg.ray.num_cpus_per_actor,
+            max_restarts=cfg.ray.max_restarts,
+            max_task_retries=cfg.ray.max_task_retries,
+        )
 
 
 def run_record(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime,
                summary: Summary) -> dict[str, Any]:
-    """The content of run.json: the config, when, and what came out (`adaptive` only for adaptive runs)."""
+    """The content of run.json: the config, when, what came out and with which versions (`adaptive` only for
+    adaptive runs)."""
     record = {
         "run_id": run_id, "config": cfg.model_dump(mode="json"), "prompts": prompts, "output": output,
         "started": started_at.isoformat(), "finished": datetime.now(UTC).isoformat(), "seconds": summary.seconds,
         "images": summary.images, "failed": summary.failed, "images_per_sec": summary.images_per_sec,
         "kept_ratio_by_stage": {str(k): v for k, v in sorted(summary.kept_ratio_by_stage.items())},
+        "versions": versions(),
     }
     if summary.adaptive is not None:
         record["adaptive"] = summary.adaptive.as_dict()

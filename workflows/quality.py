@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(TABLES), help=f"tables to measure, of {','.join(TABLES)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(TABLES)
+    if unknown:
+        parser.error(f"--only: unknown table(s) {', '.join(sorted(unknown))}; choose from {','.join(TABLES)}")
     try:
         cfg = load_config(args.config, args.overrides)
         yardstick = load_yardstick()
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             dense = results
             write_grid(args.out, [r.pixels_HWC for r in results[:16]], [r.prompt for r in requests[:16]])
         rows.append({"table": table, "label": label, **row})
-        print(f"{label:32} yardstick {row['yardstick']:.3f}  PSNR {row['psnr_db'] or 0:6.2f}  "
+        psnr = "     –" if row["psnr_db"] is None else f"{row['psnr_db']:6.2f}"
+        print(f"{label:32} yardstick {row['yardstick']:.3f}  PSNR {psnr}  "
               f"kept {row['kept_ratio']:.3f}  {row['latency_ms']:7.1f} ms/img", flush=True)
     command = "python -m workflows.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "quality.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=2))
@@ -127,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_grid(out: Path, images: list[np.ndarray], prompts: list[str]) -> None:
-    """samples.png: the dense samples in rows of four, and samples.txt: their prompts in the same order."""
+    """samples.png: the dense samples in rows of (at most) four, a short last row padded white, and samples.txt:
+    their prompts in the same order."""
     from PIL import Image
 
-    columns = 4
-    rows = [np.concatenate(images[i:i + columns], axis=1) for i in range(0, len(images) - columns + 1, columns)]
+    columns = min(4, len(images))
+    blank = np.full_like(images[0], 255)
+    padded = images + [blank] * (-len(images) % columns)
+    rows = [np.concatenate(padded[i:i + columns], axis=1) for i in range(0, len(padded), columns)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "samples.png")
     (out / "samples.txt").write_text("\n".join(prompts) + "\n")
 

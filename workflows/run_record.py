@@ -1,8 +1,10 @@
 """`{output}/run.json`: what one run of the job was asked to do and what it did, for people and tools."""
 
 import json
+import platform
 import posixpath
 import re
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pyarrow.fs import LocalFileSystem
@@ -12,6 +14,20 @@ from storage.uris import join, resolve
 RUN_FILE = "run.json"
 _SECRET_KEY = re.compile(r"secret|password|passwd|credential|api_?key|access_?key", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+PACKAGES = ("sparsevar", "torch", "ray", "pyarrow", "numpy", "transformers")
+
+
+def versions() -> dict[str, str | None]:
+    """Python's and the installed versions of the packages that decide what a run produces (None: not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def redact(value: Any) -> Any:

@@ -51,7 +51,8 @@ def recipe(saved: Path, overrides: object, steps: object, seed: int | None, held
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m workflows.train_demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, logs and weights")
     parser.add_argument("--seed", type=int, help="the recipe's seed (default 0)")
     parser.add_argument("--phases", default="tokenizer,decoder,transformer,yardstick",
