@@ -123,12 +123,16 @@ def write_imagefolder_metadata(output_uri: str, records: list[dict], endpoint_ur
     ``datasets.load_dataset("imagefolder", data_dir="{output}/images")`` loads the images with their columns.
 
     Each record needs ``file_name`` (the image's name in the folder); every record must have the same keys.
-    Nothing is written for no records. Returns the file's URI.
+    For no records an earlier file is removed (it would list images that are gone) and nothing is written.
+    Returns the file's URI, or None when there is no file.
     """
+    filesystem, root = resolve(output_uri, endpoint_url)
     if not records:
+        path = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
+        if filesystem.get_file_info(path).type == fs.FileType.File:
+            filesystem.delete_file(path)
         return None
     data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
-    filesystem, root = resolve(output_uri, endpoint_url)
     if isinstance(filesystem, fs.LocalFileSystem):
         uri = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
         _write_local_atomically(uri, data)

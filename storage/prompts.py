@@ -31,6 +31,7 @@ RECORD_FIELDS = ("prompt", "id", "seed", "negative_prompt", "h_div_w")
 MAX_PROMPT_CHARS = 4096
 MAX_SEED = 2**63 - 1
 EXCERPT_LENGTH = 80
+BOM = "\ufeff"  # editors on Windows start UTF-8 files with it; it is not part of the first line
 
 _FORMATS: dict[str, PromptFormat] = {
     ".jsonl": "jsonl",
@@ -75,7 +76,7 @@ def normalize_jsonl_lines(lines: list[str]) -> pa.Table:
     """Parse JSON-object lines such as ``{"id": "cat", "prompt": "a cat", "seed": 7}``."""
     rows = []
     for line in lines:
-        source = line.strip()
+        source = line.strip().removeprefix(BOM)
         if not source:
             continue
         try:
@@ -109,6 +110,7 @@ def normalize_records(table: pa.Table) -> pa.Table:
 
 def normalize_text_lines(lines: list[str]) -> pa.Table:
     """Read one prompt per non-blank line; ids and seeds are derived from the text."""
+    lines = [line.removeprefix(BOM) for line in lines]
     rows = [_row_from_record({"prompt": line}, line.strip(), "line text") for line in lines if line.strip()]
     return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
 

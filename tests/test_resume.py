@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.images import ImageWriter
+from storage.images import ImageWriter, safe_name
 from storage.metadata import metadata_table
 from storage.prompts import PROMPT_SCHEMA, derived_seed
-from storage.shards import shard_name
+from storage.shards import sample_key, shard_name
 from workflows.config import ConfigError
 from workflows.resume import (
     assign_shards,
@@ -38,6 +38,16 @@ def test_later_duplicates_become_error_rows():
     errors = table["error"].to_pylist()
     assert errors[0] is None and errors[2] is None
     assert "duplicate id 'a' with seed 1" in errors[1]
+
+
+def test_ids_that_would_share_an_image_name_become_error_rows():
+    cleaned = safe_name("a/b")  # a_b-<hash>: a literal id may spell it
+    in_shards = sample_key("x.y", 5).removesuffix("-s5")  # x.y keeps its file name, but not its sample key
+    rows = [("a/b", 5, None), (cleaned, 5, None), (cleaned, 6, None), ("x.y", 5, None), (in_shards, 5, None)]
+    errors = mark_duplicates(prompts(*rows))["error"].to_pylist()
+    assert errors[0] is None and errors[2] is None and errors[3] is None
+    assert f"id {cleaned!r} with seed 5 would be stored under the same name as the earlier id 'a/b'" in errors[1]
+    assert "the earlier id 'x.y'" in errors[4]
 
 
 def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):

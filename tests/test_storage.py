@@ -1,8 +1,10 @@
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 from pyarrow import fs
 
 from storage import images
-from storage.images import ImageWriter, encode_image, image_key, safe_name
+from storage.images import ImageWriter, encode_image, image_key, safe_name, write_imagefolder_metadata
 from storage.metadata import METADATA_SCHEMA, STAGE_TYPE, metadata_table, read_metadata
 from storage.shards import ShardWriter, list_shards, remove_temp_files, sample_key
 from storage.uris import join, resolve
@@ -387,3 +389,12 @@ def test_shard_writer_leaves_nothing_when_not_published_or_failing(tmp_path):
     assert leftover.startswith(".images-000001.tar.") and leftover.endswith(".tmp")
     assert remove_temp_files(str(tmp_path)) == 1  # what a killed writer left
     assert os.listdir(tmp_path / "shards") == [] and list_shards(str(tmp_path)) == set()
+
+
+def test_imagefolder_index_of_no_images_removes_the_old_one(tmp_path):
+    record = {"file_name": "a-s1.png", "prompt": "a red circle"}
+    uri = write_imagefolder_metadata(str(tmp_path), [record])
+    assert json.loads(Path(uri).read_text()) == record
+    assert write_imagefolder_metadata(str(tmp_path), []) is None
+    assert not Path(uri).exists()
+    assert write_imagefolder_metadata(str(tmp_path), []) is None  # and nothing to remove is fine

@@ -4,7 +4,11 @@ Reading uses Ray Data's own readers; each row is then validated on its own, so a
 as an `error` row instead of failing the job.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray
 from pyarrow import fs
 
@@ -36,6 +40,8 @@ def check_prompts(uri: str, endpoint_url: str | None = None) -> tuple[fs.FileSys
         raise ConfigError(f"cannot open prompts {uri}: {exc} (check the URI, the endpoint and your access)") from None
     if info.type == fs.FileType.NotFound:
         raise ConfigError(f"prompts file not found: {uri} (try configs/prompts/sample.jsonl)")
+    if info.type == fs.FileType.Directory:
+        raise ConfigError(f"prompts {uri} is a folder: give one prompt file (JSONL, CSV, Parquet or text)")
     if info.type == fs.FileType.File and info.size == 0:
         raise ConfigError(f"prompts file {uri} is empty: add one prompt per line")
     return filesystem, path
@@ -52,8 +58,12 @@ def read_prompts(uri: str, limit: int | None = None, endpoint_url: str | None = 
             num_cpus=IO_CPUS,
         )
     else:
-        reader = ray.data.read_csv if kind == "csv" else ray.data.read_parquet
-        ds = reader(path, filesystem=filesystem, num_cpus=IO_CPUS)
+        if kind == "csv":  # text columns stay text: ids such as 007 keep their zeros, and so their file names
+            text = {column: pa.string() for column in ("id", "prompt", "negative_prompt")}
+            ds = ray.data.read_csv(path, filesystem=filesystem, num_cpus=IO_CPUS,
+                                   convert_options=pacsv.ConvertOptions(column_types=text))
+        else:
+            ds = ray.data.read_parquet(path, filesystem=filesystem, num_cpus=IO_CPUS)
         columns = ds.schema().names
         if "prompt" not in columns:
             raise ConfigError(f"prompts file {uri} has no 'prompt' column (columns: {columns}); rename the "
@@ -62,7 +72,28 @@ def read_prompts(uri: str, limit: int | None = None, endpoint_url: str | None = 
     return ds.limit(limit) if limit is not None else ds
 
 
+@contextmanager
+def _in_file_order() -> Iterator[None]:
+    """Ray Data keeps the file's row order only when asked: without it `--limit` takes whichever rows come
+    first, and a resumed run may cut shards from a different order."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
 def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> pa.Table:
-    """All prompt rows on the driver, where duplicates and finished work can be seen across the whole file."""
-    tables = ray.get(read_prompts(uri, limit, endpoint_url=endpoint_url).to_arrow_refs())
-    return pa.concat_tables(tables).cast(PROMPT_SCHEMA) if tables else PROMPT_SCHEMA.empty_table()
+    """All prompt rows on the driver, in file order, where duplicates and finished work can be seen across the
+    whole file. A file that is not UTF-8 or holds no prompt at all raises ConfigError."""
+    try:
+        with _in_file_order():
+            tables = ray.get(read_prompts(uri, limit, endpoint_url=endpoint_url).to_arrow_refs())
+    except UnicodeDecodeError as exc:  # Ray's text reader decodes whole blocks, strictly
+        raise ConfigError(f"prompts file {uri} is not UTF-8 text ({exc.reason} at byte {exc.start} of a block): "
+                          "save it as UTF-8") from None
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        raise ConfigError(f"prompts file {uri} holds no prompts: add one prompt per line (or row)")
+    return pa.concat_tables(tables).cast(PROMPT_SCHEMA)

@@ -26,9 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs
 
+from storage.images import safe_name
 from storage.metadata import METADATA_DIR
 from storage.prompts import derived_seed
-from storage.shards import list_shards, shard_name, shard_of
+from storage.shards import list_shards, sample_key, shard_name, shard_of
 from storage.uris import join, resolve
 from workflows.config import ConfigError
 
@@ -48,17 +49,25 @@ def expand_images(prompts: pa.Table, images_per_prompt: int) -> pa.Table:
 
 
 def mark_duplicates(prompts: pa.Table) -> pa.Table:
-    """A (prompt_id, seed) seen before in the file becomes an error row: its image would overwrite the first."""
-    seen: set[tuple[str, int]] = set()
+    """A row whose image name (from its id and seed) an earlier row of the file already takes becomes an error
+    row: its image would overwrite the first. Ids collide this way when they are equal, and also when one is
+    another's cleaned-up form (`a/b` is stored as `a_b-<hash>`, which a literal id can spell)."""
+    seen: dict[str, str] = {}  # the image's name in either layout -> the id that took it
     errors = prompts.column("error").to_pylist()
     for i, (pid, seed) in enumerate(zip(prompts.column("prompt_id").to_pylist(), prompts.column("seed").to_pylist(),
                                         strict=True)):
         if errors[i] is not None:
             continue
-        if (pid, seed) in seen:
+        names = (f"{safe_name(pid)}-s{seed}", f"shard sample {sample_key(pid, seed)}")
+        taken = next((seen[name] for name in names if name in seen), None)
+        if taken == pid:
             errors[i] = (f"duplicate id {pid!r} with seed {seed}: an earlier row already generates this image; "
                          "give each prompt a unique id, or a different seed")
-        seen.add((pid, seed))
+        elif taken is not None:
+            errors[i] = (f"id {pid!r} with seed {seed} would be stored under the same name as the earlier id "
+                         f"{taken!r}; rename one of them")
+        else:
+            seen.update(dict.fromkeys(names, pid))
     return prompts.set_column(prompts.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
 
 

@@ -1,0 +1,47 @@
+"""Whole prompt files read through Ray Data on the shared local cluster: row order, column types, encodings and
+files that hold no prompt."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from workflows.config import ConfigError
+from workflows.prompts import read_prompt_table
+
+
+def test_rows_keep_file_order_so_limit_takes_the_first(tmp_path, ray_cluster):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i:05d}", "prompt": f"prompt {i}"}) + "\n" for i in range(20000)))
+    assert read_prompt_table(str(path), limit=3)["prompt_id"].to_pylist() == ["p00000", "p00001", "p00002"]
+    assert read_prompt_table(str(path))["prompt_id"].to_pylist() == [f"p{i:05d}" for i in range(20000)]
+
+
+def test_csv_ids_stay_text_and_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, ray_cluster):
+    csv = tmp_path / "ids.csv"
+    csv.write_text("id,prompt,seed\n007,a red circle,1\n010,a blue square,2\n")
+    assert read_prompt_table(str(csv))["prompt_id"].to_pylist() == ["007", "010"]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_text('\ufeff{"id": "first", "prompt": "a red circle"}\n', encoding="utf-8")
+    text = tmp_path / "bom.txt"
+    text.write_text("\ufeffa red circle\n", encoding="utf-8")
+    for path in (jsonl, text):
+        table = read_prompt_table(str(path))
+        assert table["error"].to_pylist() == [None] and table["prompt"].to_pylist() == ["a red circle"]
+
+
+def test_files_without_a_prompt_or_not_utf8_are_refused(tmp_path, ray_cluster):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n   \n")
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), empty)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"prompt": "a good line"}\n{"prompt": "café"}\n'.encode("latin-1"))
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for path, problem in [(blank, "holds no prompts"), (empty, "holds no prompts"), (latin1, "is not UTF-8 text"),
+                          (folder, "is a folder")]:
+        with pytest.raises(ConfigError, match=problem) as error:
+            read_prompt_table(str(path))
+        assert str(path) in str(error.value)
