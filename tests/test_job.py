@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from actors.config import RayConfig
 from storage.images import IMAGEFOLDER_METADATA
 from storage.metadata import METADATA_SCHEMA, read_metadata
 from storage.prompts import default_id, default_seed
-from workflows.config import load_config
-from workflows.generate import EXIT_BAD_INPUT, EXIT_OK, EXIT_ROWS_FAILED, main
+from workflows.config import ConfigError, load_config
+from workflows.generate import EXIT_BAD_INPUT, EXIT_JOB_STOPPED, EXIT_OK, EXIT_ROWS_FAILED, check_actor_fits, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-random.yaml"
@@ -267,6 +268,24 @@ def test_bad_input_exits_2_before_any_work(ray_cluster, tmp_path, capsys, argv_t
     assert captured.err.startswith("error: ")
     assert "images written" not in captured.out
     assert not output.exists()
+
+
+def test_an_actor_that_cannot_start_stops_the_job_with_its_reason(ray_cluster, fast_overrides, tmp_path, capsys):
+    output = tmp_path / "out"
+    missing = tmp_path / "none.safetensors"
+    code = run_job(SAMPLE, output, [*fast_overrides, f"model.weights={missing}"], "--limit", "2")
+    assert code == EXIT_JOB_STOPPED
+    reason = f"tiny model weights not found: {missing}; fix model.weights or remove it"
+    assert f"error: the job stopped: FileNotFoundError: {reason}" in capsys.readouterr().err
+    record = json.loads((output / "run.json").read_text())
+    assert record["status"] == "stopped" and reason in record["error"]
+
+
+def test_an_actor_no_node_can_hold_is_refused_on_a_cluster_started_here(ray_cluster):
+    check_actor_fits(RayConfig(num_cpus_per_actor=2), local=True)  # the test cluster's node has 2 CPUs
+    with pytest.raises(ConfigError, match=r"asks for 1 CPU and 1 GPU .* \(nodes: 2 CPU and 0 GPU\); lower them"):
+        check_actor_fits(RayConfig(num_gpus_per_actor=1), local=True)
+    check_actor_fits(RayConfig(num_gpus_per_actor=1), local=False)  # a joined cluster may add a GPU node
 
 
 def test_csv_prompts_give_the_same_images_as_jsonl(base_run, ray_cluster, fast_overrides, tmp_path):

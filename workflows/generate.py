@@ -8,11 +8,13 @@ failed, 2 for a config or input error found before any work starts.
 """
 
 import argparse
+import logging
 import math
 import os
 import posixpath
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from dataclasses import dataclass, replace
@@ -28,7 +30,7 @@ from ray.data.datasource import FilenameProvider
 from ray.util.annotations import RayDeprecationWarning
 
 from actors.calibration import CalibrationError, controller_for
-from actors.config import JobConfig
+from actors.config import JobConfig, RayConfig
 from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
 from storage.images import write_imagefolder_metadata
@@ -50,7 +52,8 @@ from workflows.resume import (
 )
 from workflows.run_record import versions, write_run_json
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+log = logging.getLogger(__name__)
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_JOB_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 @dataclass(frozen=True)
@@ -90,15 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def connect_ray() -> None:
-    """Join RAY_ADDRESS's cluster or start a local one; usage statistics stay off unless the user set them."""
+def connect_ray() -> bool:
+    """Join RAY_ADDRESS's cluster or start a local one; usage statistics stay off unless the user set them.
+    True when this process started the cluster (then its nodes are all there will be)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:
-        ray.init(include_dashboard=False)
+        return False
+    ray.init(include_dashboard=False)
+    return True
 
 
 @dataclass(frozen=True)
@@ -131,11 +136,17 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> 
     if job.unrecord:
         (unrecord_shards if cfg.output.format == "webdataset" else unrecord_images)(output, job.unrecord, endpoint)
     started = time.perf_counter()
-    if job.todo.num_rows:
-        generate_dataset(cfg, job.todo, output).write_parquet(
-            metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
-            filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
-            ray_remote_args={"num_cpus": IO_CPUS})
+    try:
+        if job.todo.num_rows:
+            generate_dataset(cfg, job.todo, output).write_parquet(
+                metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
+                filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                ray_remote_args={"num_cpus": IO_CPUS})
+    except BaseException as exc:  # run.json says how the run ended, not "running" for good
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
+        write_run_json(output, {"run_id": run_id, "status": status, "started": started_at.isoformat(),
+                                "finished": datetime.now(UTC).isoformat(), "error": root_cause(exc)}, endpoint)
+        raise
     seconds = time.perf_counter() - started
     if cfg.output.format == "files":
         write_imagefolder_index(output, endpoint)
@@ -149,6 +160,34 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> 
         summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
     write_run_json(output, run_record(cfg, prompts, output, run_id, started_at, summary), endpoint)
     return summary
+
+
+def root_cause(exc: BaseException) -> str:
+    """The last line of the innermost error that has a message: Ray wraps an actor's exception, traceback
+    included, in its own (and that in a bare one of Ray Data's)."""
+    found = type(exc).__name__
+    cause: BaseException | None = exc
+    while cause is not None:
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        found = lines[-1] if lines else found
+        cause = cause.__cause__
+    return found
+
+
+def check_actor_fits(ray_cfg: RayConfig, local: bool) -> None:
+    """An actor must fit on one node. On a cluster this process started, none ever will if none does now, and the
+    job would wait for good: ConfigError. A joined cluster may yet add one (an autoscaler): a warning."""
+    need = {"CPU": ray_cfg.num_cpus_per_actor, "GPU": ray_cfg.num_gpus_per_actor}
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if any(all(node.get(kind, 0.0) >= amount for kind, amount in need.items()) for node in nodes):
+        return
+    largest = ", ".join(sorted({f"{node.get('CPU', 0):g} CPU and {node.get('GPU', 0):g} GPU" for node in nodes}))
+    problem = (f"a generation actor asks for {need['CPU']:g} CPU and {need['GPU']:g} GPU (ray.num_cpus_per_actor, "
+               f"ray.num_gpus_per_actor), but no node of the cluster has that much (nodes: {largest or 'none'})")
+    if local:
+        raise ConfigError(f"{problem}; lower them, e.g. on a machine without a GPU --set ray.num_gpus_per_actor=0 "
+                          "--set runtime.device=cpu")
+    log.warning("%s; the job waits until a node that fits joins the cluster", problem)
 
 
 def check_output(output: str, endpoint_url: str | None) -> None:
@@ -254,11 +293,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit must be at least 1, got {args.limit}")
         check_prompts(args.prompts, cfg.storage.endpoint_url)  # before paying for a cluster start
         check_output(args.output, cfg.storage.endpoint_url)
-        connect_ray()
+        check_actor_fits(cfg.ray, local=connect_ray())
         summary = run(cfg, args.prompts, args.output, args.limit)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: what was written is kept; run the same command again to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the pipeline stopped (an actor that cannot start, a lost cluster)
+        traceback.print_exc()
+        print(f"error: the job stopped: {root_cause(exc)}\nwhat was written is kept; after fixing the cause, run "
+              "the same command again to finish", file=sys.stderr)
+        return EXIT_JOB_STOPPED
     print(summary)
     return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
