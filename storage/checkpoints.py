@@ -142,7 +142,9 @@ def fetch_checkpoint(uri: str, sha256: str | None = None, size: int | None = Non
         raise CheckpointError(f"checkpoint {uri}: unsupported location; use a local path or an s3:// URI")
     path = _local(uri).absolute()
     if not path.exists():
-        raise CheckpointError(f"checkpoint {uri} not found (looked for {path})")
+        raise CheckpointError(f"checkpoint {uri} not found (looked for {path}): put the official file there, or "
+                              "point the config's model section at it (a path, or an s3:// URI); the README's "
+                              "model sections list the files")
     if path.is_file():
         _check_file(path, uri, sha256, size, cache)
     elif sha256 is not None or size is not None:

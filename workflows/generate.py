@@ -192,6 +192,8 @@ def check_actor_fits(ray_cfg: RayConfig, local: bool) -> None:
 
 def check_output(output: str, endpoint_url: str | None) -> None:
     """An output that names no usable location raises ConfigError (whether it is writable shows at the first write)."""
+    if not output.strip():
+        raise ConfigError("--output is empty: name the output folder or URI, e.g. --output ./out")
     try:
         resolve(output, endpoint_url)
     except ValueError as exc:
