@@ -81,6 +81,22 @@ def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
     assert pq.read_table(run1)["prompt_id"].to_pylist() == ["a"]
 
 
+def test_a_whole_file_run_takes_out_rows_of_keys_the_file_no_longer_asks_for(tmp_path):
+    writer = ImageWriter(str(tmp_path))
+    uri, sha = writer.write("kept", 1, np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "metadata").mkdir()
+    rows = [{"prompt_id": "kept", "prompt": "p", "seed": 1, "model": "tiny", "status": "ok", "image_uri": uri,
+             "image_sha256": sha},  # an image of an earlier prompt file stays
+            {"prompt_id": "fixed", "prompt": "p", "seed": 9, "model": "tiny", "status": "error",
+             "error": "seed must be a whole number"}]  # the line now gives seed 77: a new key
+    pq.write_table(metadata_table(rows), tmp_path / "metadata" / "run1.parquet")
+    now = prompts(("fixed", 77, None))
+    run1 = str(tmp_path / "metadata" / "run1.parquet")
+    assert pending(now, *completed_keys(str(tmp_path)))[1] == {}  # a --limit run may not see every line
+    todo, unrecord = pending(now, *completed_keys(str(tmp_path)), whole_file=True)
+    assert todo["prompt_id"].to_pylist() == ["fixed"] and unrecord == {run1: {("fixed", 9)}}
+
+
 def test_an_input_error_already_recorded_is_not_reported_again(tmp_path):
     (tmp_path / "metadata").mkdir()
     pq.write_table(metadata_table([{"prompt_id": "x", "prompt": "", "seed": 3, "model": "tiny", "status": "error",

@@ -212,7 +212,7 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> Plan:
         done, recorded = completed_keys(output, cfg.storage.endpoint_url)
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
-    todo, unrecord = pending(table, done, recorded)
+    todo, unrecord = pending(table, done, recorded, whole_file=limit is None)
     return Plan(todo, table.num_rows - todo.num_rows, unrecord)
 
 

@@ -131,12 +131,14 @@ def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Ke
     return done, recorded
 
 
-def pending(prompts: pa.Table, done: set[Key], recorded: dict[Key, set[str]]) -> tuple[pa.Table, dict[str, set[Key]]]:
+def pending(prompts: pa.Table, done: set[Key], recorded: dict[Key, set[str]], whole_file: bool = False
+            ) -> tuple[pa.Table, dict[str, set[Key]]]:
     """The rows still to generate or report, and the metadata rows to take out first (file -> keys).
 
     Valid rows without an ok image are generated; an image recorded before (failed, or its file gone) has every
     row of its key taken out, and an input error sharing that key is reported again with it. Other input errors
-    are reported once."""
+    are reported once. When `prompts` is the whole file (no --limit), rows of keys it no longer asks for that hold
+    no image are taken out too: the error row of a line since fixed (its key changes with it) would stay for good."""
     if not recorded:
         return prompts, {}
     keys = list(zip(prompts["prompt_id"].to_pylist(), prompts["seed"].to_pylist(), strict=True))
@@ -145,6 +147,8 @@ def pending(prompts: pa.Table, done: set[Key], recorded: dict[Key, set[str]]) ->
                and key not in done}
     keep = [key not in done if error is None else (key not in recorded or key in retried)
             for key, error in zip(keys, errors, strict=True)]
+    if whole_file:
+        retried |= set(recorded) - done - set(keys)
     unrecord: dict[str, set[Key]] = {}
     for key in retried:
         for path in recorded[key]:
