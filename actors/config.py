@@ -86,13 +86,3 @@ class JobConfig(StrictModel):
         if self.adaptive.enabled and not self.sparsevar.enabled:
             raise ValueError("adaptive.enabled needs sparsevar.enabled: true (τ is what it adapts)")
         return self
-
-    @model_validator(mode="after")
-    def _score_block_in_model(self) -> "JobConfig":
-        """Checked here where the config gives the depth (HART's comes with its checkpoint): otherwise every
-        prompt of the job would fail on it, one by one."""
-        depth = getattr(self.model, "depth", None)
-        if self.sparsevar.enabled and depth is not None and self.sparsevar.score_block > depth:
-            raise ValueError(f"sparsevar.score_block={self.sparsevar.score_block} is past the model's last block "
-                             f"(model.depth={depth}); pick one from 1 to {depth}")
-        return self

@@ -36,7 +36,6 @@ def test_overrides_are_parsed_as_yaml_values():
         ("model.patch_sizes=[2, 4]", "model.patch_sizes"),
         ("output.format=tar", "output.format: Input should be 'files' or 'webdataset'"),
         ("output.shard_size=0", "output.shard_size"),
-        ("sparsevar.score_block=99", "sparsevar.score_block=99 is past the model's last block (model.depth=6)"),
     ],
 )
 def test_bad_keys_and_values_are_rejected_by_name(override, named):

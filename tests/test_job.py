@@ -248,6 +248,8 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
         (["--prompts", "{tmp}/empty.jsonl"], "prompts file {tmp}/empty.jsonl is empty: add one prompt per line"),
         (["--prompts", "ftp://host/p.jsonl"], "cannot open prompts ftp://host/p.jsonl: unsupported location"),
         (["--prompts", str(SAMPLE), "--output", "ftp://host/out"], "unsupported location 'ftp://host/out': use a"),
+        (["--prompts", str(SAMPLE), "--set", "sparsevar.score_block=99"],
+         "sparsevar.score_block=99 is past the model's last block (model.depth=6); pick one from 1 to 6"),
     ],
     ids=[
         "unknown-config-key",
@@ -256,6 +258,7 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
         "empty-prompts-file",
         "bad-prompts-uri",
         "bad-output-uri",
+        "score-block-past-depth",
     ],
 )
 def test_bad_input_exits_2_before_any_work(ray_cluster, tmp_path, capsys, argv_tail, named):

@@ -190,6 +190,15 @@ def check_actor_fits(ray_cfg: RayConfig, local: bool) -> None:
     log.warning("%s; the job waits until a node that fits joins the cluster", problem)
 
 
+def check_score_block(cfg: JobConfig) -> None:
+    """A score block past the model's depth would fail every prompt of the job, one by one; where the config
+    gives the depth (HART's comes with its checkpoint), it is refused up front."""
+    depth = getattr(cfg.model, "depth", None)
+    if cfg.sparsevar.enabled and depth is not None and cfg.sparsevar.score_block > depth:
+        raise ConfigError(f"sparsevar.score_block={cfg.sparsevar.score_block} is past the model's last block "
+                          f"(model.depth={depth}); pick one from 1 to {depth}")
+
+
 def check_output(output: str, endpoint_url: str | None) -> None:
     """An output that names no usable location raises ConfigError (whether it is writable shows at the first write)."""
     if not output.strip():
@@ -293,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+        check_score_block(cfg)
         check_prompts(args.prompts, cfg.storage.endpoint_url)  # before paying for a cluster start
         check_output(args.output, cfg.storage.endpoint_url)
         check_actor_fits(cfg.ray, local=connect_ray())
