@@ -4,10 +4,12 @@
 
 Joins the cluster in RAY_ADDRESS (as under `ray job submit`) or starts a local one. Writes images (files, or
 WebDataset tar shards), metadata and `{output}/run.json`. Exit status: 0 when every row is ok, 1 when some rows
-failed, 2 for a config or input error found before any work starts.
+failed, 2 for a config or input error found before any work starts, 3 when the job stopped (an actor that cannot
+start, a lost cluster) and 130 on Ctrl-C; what was written is kept, and the same command finishes the work.
 """
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -144,8 +146,9 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> 
                 ray_remote_args={"num_cpus": IO_CPUS})
     except BaseException as exc:  # run.json says how the run ended, not "running" for good
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
-        write_run_json(output, {"run_id": run_id, "status": status, "started": started_at.isoformat(),
-                                "finished": datetime.now(UTC).isoformat(), "error": root_cause(exc)}, endpoint)
+        with contextlib.suppress(OSError):  # an unreachable store must not hide why the job stopped
+            write_run_json(output, {"run_id": run_id, "status": status, "started": started_at.isoformat(),
+                                    "finished": datetime.now(UTC).isoformat(), "error": root_cause(exc)}, endpoint)
         raise
     seconds = time.perf_counter() - started
     if cfg.output.format == "files":
