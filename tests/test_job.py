@@ -248,6 +248,7 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
         (["--prompts", "{tmp}/empty.jsonl"], "prompts file {tmp}/empty.jsonl is empty: add one prompt per line"),
         (["--prompts", "ftp://host/p.jsonl"], "cannot open prompts ftp://host/p.jsonl: unsupported location"),
         (["--prompts", str(SAMPLE), "--output", "ftp://host/out"], "unsupported location 'ftp://host/out': use a"),
+        (["--prompts", str(SAMPLE), "--output", " "], "--output is empty: name the output folder or URI"),
         (["--prompts", str(SAMPLE), "--set", "sparsevar.score_block=99"],
          "sparsevar.score_block=99 is past the model's last block (model.depth=6); pick one from 1 to 6"),
     ],
@@ -258,6 +259,7 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
         "empty-prompts-file",
         "bad-prompts-uri",
         "bad-output-uri",
+        "empty-output",
         "score-block-past-depth",
     ],
 )
