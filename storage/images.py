@@ -127,14 +127,14 @@ def write_imagefolder_metadata(output_uri: str, records: list[dict], endpoint_ur
     Returns the file's URI, or None when there is no file.
     """
     filesystem, root = resolve(output_uri, endpoint_url)
+    path = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
     if not records:
-        path = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
         if filesystem.get_file_info(path).type == fs.FileType.File:
             filesystem.delete_file(path)
         return None
     data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
     if isinstance(filesystem, fs.LocalFileSystem):
-        uri = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
+        uri = path
         _write_local_atomically(uri, data)
     else:
         uri = join(output_uri, IMAGE_DIR, IMAGEFOLDER_METADATA)

@@ -184,9 +184,9 @@ def check_actor_fits(ray_cfg: RayConfig, local: bool) -> None:
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if any(all(node.get(kind, 0.0) >= amount for kind, amount in need.items()) for node in nodes):
         return
-    largest = ", ".join(sorted({f"{node.get('CPU', 0):g} CPU and {node.get('GPU', 0):g} GPU" for node in nodes}))
+    shapes = ", ".join(sorted({f"{node.get('CPU', 0):g} CPU and {node.get('GPU', 0):g} GPU" for node in nodes}))
     problem = (f"a generation actor asks for {need['CPU']:g} CPU and {need['GPU']:g} GPU (ray.num_cpus_per_actor, "
-               f"ray.num_gpus_per_actor), but no node of the cluster has that much (nodes: {largest or 'none'})")
+               f"ray.num_gpus_per_actor), but no node of the cluster has that much (nodes: {shapes or 'none'})")
     if local:
         raise ConfigError(f"{problem}; lower them, e.g. on a machine without a GPU --set ray.num_gpus_per_actor=0 "
                           "--set runtime.device=cpu")

@@ -147,10 +147,9 @@ def pending(prompts: pa.Table, done: set[Key], recorded: dict[Key, set[str]], wh
                and key not in done}
     keep = [key not in done if error is None else (key not in recorded or key in retried)
             for key, error in zip(keys, errors, strict=True)]
-    if whole_file:
-        retried |= set(recorded) - done - set(keys)
+    stale = set(recorded) - done - set(keys) if whole_file else set()
     unrecord: dict[str, set[Key]] = {}
-    for key in retried:
+    for key in retried | stale:
         for path in recorded[key]:
             unrecord.setdefault(path, set()).add(key)
     return prompts.filter(pa.array(keep, pa.bool_())), unrecord
