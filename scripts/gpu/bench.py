@@ -19,6 +19,7 @@ With --unpacked, every sparse setting at batch > 1 also runs with its padded sta
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -79,11 +80,11 @@ def build_hart(model: dict, sampling: SamplingConfig, smoke: bool, device, dtype
     return HartBackend(cfg, sampling, parts, device, dtype)
 
 
-def settings(name: str, sv: SparseVARConfig, smoke: bool) -> list[SparseVARConfig]:
-    """Dense, the config's SparseVAR and the same with quantile scores (the smoke run moves P and s into range)."""
+def settings(name: str, sv: SparseVARConfig, smoke: bool, normalize: list[str]) -> list[SparseVARConfig]:
+    """Dense, then the config's SparseVAR with each of `normalize`'s score normalisations (the smoke run moves P
+    and s into range)."""
     sv = sv.model_copy(update=SMOKE_STAGES[name] if smoke else {})
-    quantile = sv.model_copy(update={"normalize": "quantile"})
-    return [sv.model_copy(update={"enabled": False}), *([quantile, sv] if sv.normalize != "quantile" else [sv])]
+    return [sv.model_copy(update={"enabled": False}), *(sv.model_copy(update={"normalize": n}) for n in normalize)]
 
 
 class PhaseUpsample(torch.nn.Module):
@@ -300,6 +301,10 @@ def compile_blocks(backend) -> None:
         block.compile(dynamic=True)
 
 
+def heading(meta: dict) -> str:
+    return f"{meta['device']}, {meta['dtype']}, CFG on, median of {meta['runs']} runs after {meta['warmup']} warm-up"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -318,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unpacked", action="store_true",
                         help="at batch > 1, also time every sparse setting with its padded stages run padded (no "
                         "packing), eagerly, against the packed rows of the same run")
+    parser.add_argument("--normalize", nargs="+", choices=["quantile", "minmax"], default=["quantile", "minmax"],
+                        help="the sparse settings timed after dense: the config's SparseVAR with these score "
+                        "normalisations (quantile is the targets' setting)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="start no new row after this many seconds from the start; the table and JSON keep "
+                        "what was measured (rows run batch by batch, eager then graphs)")
     parser.add_argument("--smoke", action="store_true", help="tiny architectures and schedules, for a CPU check")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -336,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
 
-    def save() -> None:  # after every row, so that a run cut short keeps what it measured
+    def save() -> None:  # after every row, so that a run cut short keeps what it measured: JSON and markdown
         Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        Path(args.out).with_suffix(".md").write_text(f"{heading(meta)}\n\n{table(rows)}\n")
 
     backends = {}  # all built first, then batch by batch, so that a run cut short still covers every model
     for name in args.models:
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = build(model, SamplingConfig(**config["sampling"]), args.smoke, device, dtype)
         if args.compile:
             compile_blocks(backend)
-        backends[name] = backend, settings(name, SparseVARConfig(**config["sparsevar"]), args.smoke)
+        backends[name] = backend, settings(name, SparseVARConfig(**config["sparsevar"]), args.smoke, args.normalize)
         params = sum(p.numel() for p in backend.model.parameters()) / 1e9
         log(f"built {name}{' (smoke)' if args.smoke else ''}: {params:.3f}B transformer params, {dtype}, "
             f"{len(backend.schedule(1.0))} stages up to {backend.schedule(1.0)[-1]}")
@@ -362,50 +374,52 @@ def main(argv: list[str] | None = None) -> int:
         for variant, result in meta.get("decode_experiment", {}).items():
             log(f"infinity-2b VAE decode of one image, {variant}: {result}")
     eager_dense_ms: dict[tuple[str, int], float] = {}
-    # Every eager row first, so that a failing graph capture cannot cost them: after one, PyTorch's allocator may
-    # be unusable. The graph rows come after, and an error ends that model's; the next model's are still tried
-    # (whatever they report then is recorded next to the first error).
-    for graphs in [False, True] if args.cuda_graphs else [False]:
-        for batch in batches:
-            for name, (backend, svs) in backends.items():
-                if (graphs and not hasattr(backend, "use_cuda_graphs")) or meta.get(f"{name}_graph_error"):
-                    continue
-                try:
-                    if graphs:
-                        backend.use_cuda_graphs(True)
-                    can_pack = batch > 1 and not graphs  # graphs run padded shapes; a single image has none
-                    variants = [(s, p) for s in svs
-                                for p in ([True, False] if args.unpacked and can_pack and s.enabled else [True])]
-                    for sv, pack in variants:  # dense first
-                        with packed(pack):
-                            figures = measure(backend, batch, sv, warmup + 2 * graphs, runs)
-                        row = {"model": name, "batch": batch, "graphs": graphs,
-                               "packed": pack if can_pack and sv.enabled else None,  # None: nothing to pack
-                               "mode": "sparse" if sv.enabled else "dense",
-                               "normalize": sv.normalize if sv.enabled else None,
-                               "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **figures}
-                        if not sv.enabled:
-                            dense_ms = row["latency_ms"]
-                            eager_dense_ms.setdefault((name, batch), dense_ms)
-                        row["speedup"] = dense_ms / row["latency_ms"]
-                        row["speedup_vs_eager_dense"] = eager_dense_ms[name, batch] / row["latency_ms"]
-                        row["efficiency"] = row["speedup"] / row["flops_ratio"]
-                        rows.append(row)
-                        log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
-                            f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
-                            f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
-                        save()
-                except RuntimeError as exc:
-                    if not graphs:
-                        raise
-                    meta[f"{name}_graph_error"] = f"batch {batch}: {exc}"
-                    log(f"{name} B={batch} with CUDA graphs failed: {exc}")
-                    save()
-                finally:
-                    if graphs:
-                        backend.use_cuda_graphs(False)  # frees the workspace before the next model or batch
-    print(f"\n{meta['device']}, {dtype}, CFG on, median of {runs} runs after {warmup} warm-up\n\n{table(rows)}",
-          flush=True)
+    # Batch by batch, eager rows before graph rows, so that a run cut at its deadline has both modes of the first
+    # batches. A failing capture can leave PyTorch's allocator unusable, so the GPU smoke run (scripts/gpu/run.sh)
+    # captures first; here an error ends that model's graph rows and the next model's are still tried (whatever
+    # they report then is recorded next to the first error).
+    modes = [False, True] if args.cuda_graphs else [False]
+    for batch, graphs, (name, (backend, svs)) in itertools.product(batches, modes, backends.items()):
+        if (graphs and not hasattr(backend, "use_cuda_graphs")) or meta.get(f"{name}_graph_error"):
+            continue
+        try:
+            if graphs:
+                backend.use_cuda_graphs(True)
+            can_pack = batch > 1 and not graphs  # graphs run padded shapes; a single image has none
+            variants = [(s, p) for s in svs
+                        for p in ([True, False] if args.unpacked and can_pack and s.enabled else [True])]
+            for sv, pack in variants:  # dense first
+                if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
+                    meta.setdefault("not_run_past_deadline", []).append(f"{name} B={batch} graphs={graphs}")
+                    break
+                with packed(pack):
+                    figures = measure(backend, batch, sv, warmup + 2 * graphs, runs)
+                row = {"model": name, "batch": batch, "graphs": graphs,
+                       "packed": pack if can_pack and sv.enabled else None,  # None: nothing to pack
+                       "mode": "sparse" if sv.enabled else "dense",
+                       "normalize": sv.normalize if sv.enabled else None,
+                       "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **figures}
+                if not sv.enabled:
+                    dense_ms = row["latency_ms"]
+                    eager_dense_ms.setdefault((name, batch), dense_ms)
+                row["speedup"] = dense_ms / row["latency_ms"]
+                row["speedup_vs_eager_dense"] = eager_dense_ms[name, batch] / row["latency_ms"]
+                row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                rows.append(row)
+                log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
+                    f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
+                    f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
+                save()
+        except RuntimeError as exc:
+            if not graphs:
+                raise
+            meta[f"{name}_graph_error"] = f"batch {batch}: {exc}"
+            log(f"{name} B={batch} with CUDA graphs failed: {exc}")
+        finally:
+            if graphs:
+                backend.use_cuda_graphs(False)  # frees the workspace before the next model or batch
+    save()
+    print(f"\n{heading(meta)}\n\n{table(rows)}", flush=True)
     return 0
 
 

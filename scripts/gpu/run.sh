@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The committed GPU check, in one device call (docs/performance.md, "GPU"): a smoke run of the bench on the GPU
+# (tiny models: a failing CUDA-graph capture shows here, before the full-size rows), then the full-size bench
+# rows, each row saved as it finishes. Writes under OUTDIR: env.txt (GPU, versions), smoke.json/.md/.log and
+# bench.json/.md/.log. Where no CUDA device is present, it runs the smoke part alone, on the CPU (the tests do).
+#   scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]
+# BENCH ARGS replace the default rows (below). BUDGET_S (default 420) bounds the full-size part: no row starts
+# after BUDGET_S - 60 s, and it is killed at BUDGET_S (what it saved stays). With wheels from
+# scripts/gpu/wheels.sh in .whl/, they are installed first where pydantic is missing (the device machine).
+set -uo pipefail
+out=$(mkdir -p "${1:?usage: scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]}" && cd "$1" && pwd); shift
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))") || exit 1
+{
+    date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null; nvidia-smi 2>/dev/null
+    python3 -c "import platform, torch, transformers, pydantic
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'transformers', transformers.__version__, 'pydantic', pydantic.__version__)"
+} >"$out/env.txt" 2>&1
+smoke=(--smoke --cuda-graphs --decode-experiment --unpacked --out "$out/smoke.json")
+timeout 300 python3 scripts/gpu/bench.py "${smoke[@]}" 2>&1 | tee "$out/smoke.log"
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ]; then echo "run.sh: smoke run failed (exit $status), full-size rows not run"; exit "$status"; fi
+if [ "$cuda" != 1 ]; then echo "run.sh: no CUDA device, smoke run only"; exit 0; fi
+budget=${BUDGET_S:-420}
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(--cuda-graphs --decode-experiment --unpacked --batches 1 16)
+timeout "$budget" python3 scripts/gpu/bench.py "${args[@]}" --deadline-s $((budget - 60)) --out "$out/bench.json" \
+    2>&1 | tee "$out/bench.log"
+status=${PIPESTATUS[0]}
+[ "$status" -eq 124 ] && echo "run.sh: bench killed at BUDGET_S=$budget s; bench.json keeps the rows it saved"
+exit "$status"
