@@ -39,6 +39,7 @@ from sparsevar.backends import resolve_device  # noqa: E402
 from sparsevar.config import SamplingConfig, SparseVARConfig  # noqa: E402
 from sparsevar.flops import flops_ratio  # noqa: E402
 from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate  # noqa: E402
+from sparsevar.group_norm import GroupNorm  # noqa: E402
 
 PROMPTS = ["a photo of a red fox in the snow", "a bowl of ramen on a wooden table, studio lighting",
            "an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dusk",
@@ -122,6 +123,14 @@ def phase_upsampled(decoder: torch.nn.Module) -> torch.nn.Module:
     return decoder
 
 
+def torch_group_norms(decoder: torch.nn.Module) -> torch.nn.Module:
+    """The decoder with PyTorch's own GroupNorm kernel, as before `sparsevar.group_norm` (the A/B of its gain)."""
+    for module in decoder.modules():
+        if isinstance(module, GroupNorm):
+            module.__class__ = torch.nn.GroupNorm
+    return decoder
+
+
 def bf16_convs(decoder: torch.nn.Module) -> torch.nn.Module:
     """The decoder with its convolution weights stored in bf16, as autocast casts them (norms stay fp32)."""
     for module in decoder.modules():
@@ -179,7 +188,9 @@ def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
 
     last = torch.channels_last
     channels_last = copy.deepcopy(backend.vae.decoder).to(memory_format=last)
-    variants = {"nchw": (backend.vae.decoder, torch.contiguous_format), "channels_last": (channels_last, last)}
+    nchw = torch.contiguous_format
+    variants = {"nchw": (backend.vae.decoder, nchw), "channels_last": (channels_last, last),
+                "nchw_torch_group_norm": (torch_group_norms(copy.deepcopy(backend.vae.decoder)), nchw)}
     phases = phase_upsampled(copy.deepcopy(channels_last))  # kernel sums in fp32
     variants["channels_last_phase_upsample"] = phases, last
     if device.type == "cuda":
@@ -198,7 +209,7 @@ def decode_experiment(backend, runs: int, compile_decoder: bool) -> dict:
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
         try:
-            for name in ("nchw", "channels_last_bf16_convs", "channels_last_bf16_convs_phase_upsample"):
+            for name in ("nchw", "nchw_torch_group_norm", "channels_last_bf16_convs"):
                 results[f"{name}_cudnn_benchmark"] = timed(*variants[name])
         finally:
             torch.backends.cudnn.benchmark = benchmark
@@ -219,21 +230,49 @@ def batch_of(size: int, run: int) -> list[Request]:
     return [Request(PROMPTS[(i + run) % len(PROMPTS)], seed=1000 * run + i) for i in range(size)]
 
 
-def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) -> dict:
-    """Median per-image latency and the figures of one setting, from `runs` warm generations."""
+def measure(backend, batch: int, variants: list[tuple[SparseVARConfig, bool]], graphs: bool, warmup: int,
+            runs: int) -> list[dict]:
+    """The figures of each (setting, packed) variant of one model, batch and mode, from `runs` rounds that run
+    every variant once in turn, so that a drift in the machine's speed falls on all of them alike.
+
+    Warm-up first: eagerly, `warmup` generations of other batches; with CUDA graphs, every timed batch twice (its
+    first sight runs eagerly, the second captures), so that the rounds replay, as a long job does once its
+    shapes have been seen. A graph row checks that its replays give the images of the first, eager sight.
+    """
     device = backend.device
-    graphs = getattr(backend, "graphs", None)
-    warm = [generate(backend, batch_of(batch, -k), sv, profile=True) for k in range(1, warmup + 1)]
+    counters = getattr(backend, "graphs", None)
+    reference: list[list[ImageResult] | None] = []
+    for sv, pack in variants:
+        with packed(pack):
+            for k in range(1, warmup + 1):
+                generate(backend, batch_of(batch, -k), sv)
+            first = [generate(backend, batch_of(batch, run), sv) for run in range(1, runs + 1)] if graphs else []
+            for run in range(1, runs + 1) if graphs else ():
+                generate(backend, batch_of(batch, run), sv)
+        reference.append(first[0] if first else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    before = (graphs.captures, graphs.replays) if graphs else None
-    results: list[list[ImageResult]] = [generate(backend, batch_of(batch, run), sv, profile=True)
-                                        for run in range(1, runs + 1)]
-    timed = [graphs.captures - before[0], graphs.replays - before[1]] if graphs else None
+    results: list[list[list[ImageResult]]] = [[] for _ in variants]
+    timed = [[0, 0] for _ in variants]  # while timing: graph captures (each costs a sync) and replays
+    for run in range(1, runs + 1):
+        for i, (sv, pack) in enumerate(variants):
+            before = (counters.captures, counters.replays) if counters else (0, 0)
+            with packed(pack):
+                results[i].append(generate(backend, batch_of(batch, run), sv, profile=True))
+            if counters:
+                timed[i][0] += counters.captures - before[0]
+                timed[i][1] += counters.replays - before[1]
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return [figures(backend, batch, sv, results[i], reference[i], timed[i] if counters else None, peak_gib)
+            for i, (sv, _) in enumerate(variants)]
+
+
+def figures(backend, batch: int, sv: SparseVARConfig, results: list[list[ImageResult]],
+            reference: list[ImageResult] | None, timed: list[int] | None, peak_gib: float | None) -> dict:
+    """Median per-image latency and the other figures of one variant, from its timed generations."""
     images = results[0]
-    # The first generation again: with CUDA graphs it ran eagerly then, and replays now; the images must be equal.
-    again = generate(backend, batch_of(batch, -1 if warm else 1), sv)
-    same = all((a.pixels_HWC == b.pixels_HWC).all() for a, b in zip(warm[0] if warm else images, again, strict=True))
+    same = None if reference is None else all(
+        (a.pixels_HWC == b.pixels_HWC).all() for a, b in zip(reference, images, strict=True))
     first = first_sparse_stage(sv) or len(images[0].stages) + 1
     late = [s for img in images for s in img.stages if s.stage >= first]
     stages = [{"stage": s.stage, "grid": f"{s.height}x{s.width}", "tokens": s.tokens,
@@ -249,10 +288,10 @@ def measure(backend, batch: int, sv: SparseVARConfig, warmup: int, runs: int) ->
                                        for img in images),
         "kept_ratio": sum(s.kept for s in late) / sum(s.tokens for s in late) if late else 1.0,
         "overhead_ms": sum(s["overhead_ms"] for s in stages),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_gib": peak_gib,  # the largest of the variants measured together
         "stages": stages,
-        "same_images_as_first_run": bool(same),
-        "graph_captures_replays_timed": timed,  # while timing: captures (each costs a sync) and replays
+        "same_images_as_first_run": same,  # graph rows: replays against the first, eager sight; else None
+        "graph_captures_replays_timed": timed,
     }
 
 
@@ -388,17 +427,17 @@ def main(argv: list[str] | None = None) -> int:
             can_pack = batch > 1 and not graphs  # graphs run padded shapes; a single image has none
             variants = [(s, p) for s in svs
                         for p in ([True, False] if args.unpacked and can_pack and s.enabled else [True])]
-            for sv, pack in variants:  # dense first
-                if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
-                    meta.setdefault("not_run_past_deadline", []).append(f"{name} B={batch} graphs={graphs}")
-                    break
-                with packed(pack):
-                    figures = measure(backend, batch, sv, warmup + 2 * graphs, runs)
+            left = args.deadline_s is None or time.perf_counter() - started < args.deadline_s
+            if not left:
+                meta.setdefault("not_run_past_deadline", []).append(f"{name} B={batch} graphs={graphs}")
+                continue
+            for (sv, pack), measured in zip(variants, measure(backend, batch, variants, graphs, warmup, runs),
+                                            strict=True):  # dense first
                 row = {"model": name, "batch": batch, "graphs": graphs,
                        "packed": pack if can_pack and sv.enabled else None,  # None: nothing to pack
                        "mode": "sparse" if sv.enabled else "dense",
                        "normalize": sv.normalize if sv.enabled else None,
-                       "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **figures}
+                       "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **measured}
                 if not sv.enabled:
                     dense_ms = row["latency_ms"]
                     eager_dense_ms.setdefault((name, batch), dense_ms)
@@ -409,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name} B={batch} {setting(row)}: {row['latency_ms']:.1f} ms/image, speed-up "
                     f"{row['speedup']:.2f}, FLOPs ratio {row['flops_ratio']:.2f}, efficiency "
                     f"{row['efficiency']:.2f}, kept {row['kept_ratio']:.3f}")
-                save()
+            save()
         except RuntimeError as exc:
             if not graphs:
                 raise

@@ -4,9 +4,9 @@
 # rows, each row saved as it finishes. Writes under OUTDIR: env.txt (GPU, versions), smoke.json/.md/.log and
 # bench.json/.md/.log. Where no CUDA device is present, it runs the smoke part alone, on the CPU (the tests do).
 #   scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]
-# BENCH ARGS replace the default rows (below). BUDGET_S (default 420) bounds the full-size part: no row starts
-# after BUDGET_S - 60 s, and it is killed at BUDGET_S (what it saved stays). With wheels from
-# scripts/gpu/wheels.sh in .whl/, they are installed first where pydantic is missing (the device machine).
+# BENCH ARGS replace the default rows (below). BUDGET_S (default 420) bounds the full-size part: no model's group of
+# rows (one batch and mode) starts after BUDGET_S - 150 s, and it is killed at BUDGET_S (what it saved stays).
+# Wheels from scripts/gpu/wheels.sh in .whl/ are installed first where pydantic is missing (the device machine).
 set -uo pipefail
 out=$(mkdir -p "${1:?usage: scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]}" && cd "$1" && pwd); shift
 cd "$(dirname "$0")/../.."
@@ -31,7 +31,7 @@ if [ "$cuda" != 1 ]; then echo "run.sh: no CUDA device, smoke run only"; exit 0;
 budget=${BUDGET_S:-420}
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--cuda-graphs --decode-experiment --unpacked --batches 1 16)
-timeout "$budget" python3 scripts/gpu/bench.py "${args[@]}" --deadline-s $((budget - 60)) --out "$out/bench.json" \
+timeout "$budget" python3 scripts/gpu/bench.py "${args[@]}" --deadline-s $((budget - 150)) --out "$out/bench.json" \
     2>&1 | tee "$out/bench.log"
 status=${PIPESTATUS[0]}
 [ "$status" -eq 124 ] && echo "run.sh: bench killed at BUDGET_S=$budget s; bench.json keeps the rows it saved"

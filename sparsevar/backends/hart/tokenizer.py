@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevar.backends.hart.folders import TokenizerArch
+from sparsevar.group_norm import GroupNorm
 
 TRAINING_ONLY = ("vae.encoder.", "vae.quant_conv.", "vae.decoder2.", "vae.post_quant_conv2.",
                  "vae.quantize.ema_vocab_hit_SV", "disc.")
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevar.backends.infinity.config import InfinityConfig
+from sparsevar.group_norm import GroupNorm
 
 
 class Conv(nn.Module):
@@ -30,7 +31,7 @@ class Norm(nn.Module):
         super().__init__()
         if channels % 32 and channels % 24:
             raise ValueError(f"VAE group norm needs channels divisible by 32 or 24, got {channels}")
-        self.norm = nn.GroupNorm(32 if channels % 32 == 0 else 24, channels, eps=1e-6)
+        self.norm = GroupNorm(32 if channels % 32 == 0 else 24, channels, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
