@@ -1,21 +1,24 @@
 """Time SparseVAR against dense on the full-size Infinity-2B and HART-0.7B architectures at 1024², random weights.
 
-    python scripts/gpu/bench.py                 # one GPU (H200): bf16, CFG, batch 1, 8, 16; sized for < 8 minutes
+    scripts/gpu/run.sh OUTDIR                   # the committed one-call check: GPU smoke, then these rows
+    python scripts/gpu/bench.py                 # one GPU (H200): bf16, CFG, batch 1, 8, 16
     python scripts/gpu/bench.py --smoke         # CPU smoke run: tiny architectures and schedules, < 1 minute
 
 Each model is built directly on the device with random weights (no files): the transformer, VAE or tokenizer
 decoder and a text encoder of the real size (flan-t5-xl's, Qwen2-1.5B's). Sampling and the SparseVAR defaults
-come from configs/infinity-2b.yaml and configs/hart-0.7b.yaml. For every model and batch: dense, the config's
-SparseVAR setting and the same with `normalize: quantile` (for Infinity-2B the issue's target: τ = 0.6, P = 10,
-s = 16, α = 4); each gets one warm-up generation and --runs timed ones through the shared loop, timed with device
-synchronisation. Reported: median latency per image, speed-up over the dense row of the same run and batch, the
-spec's FLOPs ratio (sparsevar.flops), efficiency (speed-up / FLOPs ratio), kept ratio from stage P, SparseVAR's
-own time (scoring, gathering, filling) and peak GPU memory (both models' weights included). Both models are
-built first and the batches run in turn, so a run cut short still covers both. Rows print as they finish; --out
-(JSON, per-stage figures included) is rewritten after each; the markdown table prints at the end. Random weights
-make min-max kept ratios differ from the real models'; quantile keeps the same fraction whatever the weights.
-With --unpacked, every sparse setting at batch > 1 also runs with its padded stages padded rather than packed
-(`sparsevar.packing`), so the packing's gain is a ratio from one run.
+come from configs/infinity-2b.yaml and configs/hart-0.7b.yaml (CUDA graphs are switched per row here). For every
+model, batch and mode (eager; with --cuda-graphs, graphs too): dense, then the config's SparseVAR with each
+`--normalize` (quantile is the issue's target: for Infinity-2B τ = 0.6, P = 10, s = 16, α = 4). The settings of
+a group are warmed up, then timed in --runs interleaved rounds through the shared loop with device
+synchronisation, so that drift falls on all alike. Reported: median latency per image, speed-up over the dense
+row of the same group, the spec's FLOPs ratio (sparsevar.flops), efficiency (speed-up / FLOPs ratio), kept ratio
+from stage P, SparseVAR's own time (scoring, gathering, filling) and peak GPU memory (both models' weights
+included). Both models are built first and the batches run in turn (eager, then graphs), so a run cut short, or
+stopped by --deadline-s, still covers both. --out (JSON, per-stage figures included) and the markdown table
+beside it (.md) are rewritten after each group. Random weights make min-max kept ratios differ from the real
+models'; quantile keeps the same fraction whatever the weights. With --unpacked, every sparse setting at
+batch > 1 also runs with its padded stages padded rather than packed (`sparsevar.packing`), so the packing's
+gain is a ratio from one run.
 """
 
 import argparse
@@ -57,7 +60,7 @@ def build_infinity(model: dict, sampling: SamplingConfig, smoke: bool, device, d
     from sparsevar.backends.infinity.testing import T5_XL, TINY, offline_tokenizer, random_parts, random_t5
     from sparsevar.backends.infinity.text import T5Text
 
-    files = dict(transformer=NO_FILE, vae=NO_FILE, text_encoder=NO_FILE)
+    files = dict(transformer=NO_FILE, vae=NO_FILE, text_encoder=NO_FILE, cuda_graphs=False)  # rows switch graphs
     cfg = InfinityConfig(**{**(TINY if smoke else model), **files})
     transformer, vae = random_parts(cfg, seed=0, device=device)
     tokenizer = offline_tokenizer()
@@ -73,7 +76,7 @@ def build_hart(model: dict, sampling: SamplingConfig, smoke: bool, device, dtype
     from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
     from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, random_parts
 
-    cfg = HartConfig(**{**model, "llm": NO_FILE, "tokenizer": NO_FILE, "text_encoder": NO_FILE})
+    cfg = HartConfig(**{**model, "llm": NO_FILE, "tokenizer": NO_FILE, "text_encoder": NO_FILE, "cuda_graphs": False})
     arch, tok = (TINY_ARCH, TINY_TOK) if smoke else (TransformerArch(), TokenizerArch())
     text = TextArch(hidden_size=arch.context_dim) if smoke else TextArch.qwen2_1_5b()
     parts = random_parts(arch, tok, text, device, system_prompt=cfg.system_prompt)
@@ -341,7 +344,8 @@ def compile_blocks(backend) -> None:
 
 
 def heading(meta: dict) -> str:
-    return f"{meta['device']}, {meta['dtype']}, CFG on, median of {meta['runs']} runs after {meta['warmup']} warm-up"
+    return (f"{meta['device']}, {meta['dtype']}, CFG on, median of {meta['runs']} interleaved rounds after "
+            f"{meta['warmup']} warm-up generation a setting (graph rows: every timed batch seen twice first)")
 
 
 def main(argv: list[str] | None = None) -> int:

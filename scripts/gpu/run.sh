@@ -18,7 +18,7 @@ if ! python3 -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/n
 fi
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))") || exit 1
 {
-    date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null; nvidia-smi 2>/dev/null
+    date -u +%FT%TZ; nvidia-smi 2>/dev/null
     python3 -c "import platform, torch, transformers, pydantic
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'transformers', transformers.__version__, 'pydantic', pydantic.__version__)"
