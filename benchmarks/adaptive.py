@@ -32,7 +32,7 @@ Batch = tuple[float | None, float, int]  # τ, batch latency ms, images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny-random.yaml")
     parser.add_argument("--prompts", default="configs/prompts/sample.jsonl", help="cycled with new seeds as needed")
     parser.add_argument("--batches", type=int, default=12, help="batches per run (default 12)")

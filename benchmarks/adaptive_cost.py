@@ -27,7 +27,7 @@ from workflows.config import load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive_cost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny-random.yaml")
     parser.add_argument("--prompts", default="configs/prompts/sample.jsonl", help="cycled with new seeds as needed")
     parser.add_argument("--batches", type=int, default=16, help="batches per run (default 16)")

@@ -39,7 +39,7 @@ def psnr(a_HWC: np.ndarray, b_HWC: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--prompts", default="configs/prompts/sample.jsonl", help="JSONL or one prompt a line")
     parser.add_argument("--limit", type=int, default=16, help="prompts to use")

@@ -55,3 +55,15 @@ def test_malformed_override_and_missing_file_explain_the_fix(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_an_unknown_or_missing_backend_is_named_with_the_valid_ones_not_the_whole_section(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["model.backend=nonesuch"])
+    message = str(info.value)
+    assert "model.backend: unknown backend 'nonesuch'; use one of 'tiny', 'infinity', 'hart'" in message
+    assert "patch_sizes" not in message  # the rest of the model section is not dumped
+    config = tmp_path / "no-backend.yaml"
+    config.write_text("model:\n  dim: 64\n")
+    with pytest.raises(ConfigError, match="model.backend: missing; use one of 'tiny', 'infinity', 'hart'"):
+        load_config(config)

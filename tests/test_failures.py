@@ -5,13 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-PROMPTS = 10
+PROMPTS = 24  # enough that a driver killed at its first metadata file leaves work (10 often finished first)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,20 @@ def test_stopped_job_resumes_to_the_uninterrupted_output(ray_cluster, fast_overr
     assert rerun.returncode == 0, log
     assert outputs(out) == uninterrupted
     assert f"images written: {PROMPTS}" not in log  # what the first run finished was not generated again
+
+
+def test_without_ray_address_a_stale_cluster_record_is_not_joined(fast_overrides, prompts, tmp_path):
+    """A `ray_current_cluster` record naming a cluster long gone (and this session's running cluster) made the job
+    join it; without RAY_ADDRESS it starts its own, which ends with it."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6399")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "workflows.generate", "--config", "configs/tiny-random.yaml", "--prompts", str(prompts),
+         "--output", str(tmp_path / "out"), "--limit", "2", *[a for o in fast_overrides for a in ("--set", o)]],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "images written: 2" in done.stdout
+    assert time.monotonic() - started < 120  # it hung 823 s on the stale record

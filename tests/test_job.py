@@ -214,6 +214,14 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     assert bad_json["error"].startswith("invalid JSON")
     assert "no closing quote" in bad_json["error"], "the message quotes the line"
 
+    # A rerun has nothing to do: the images and the input errors already recorded are skipped, and counted apart.
+    assert run_job(prompts, output, fast_overrides) == EXIT_OK
+    stdout = capsys.readouterr().out
+    assert "images written: 0" in stdout and "rows failed: 0" in stdout
+    assert "already in the output (skipped): 2" in stdout
+    assert "input errors recorded by an earlier run (skipped): 3" in stdout
+    assert len(read_metadata(str(output))) == 5
+
 
 def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_overrides, tmp_path, capsys):
     """A row that failed in generation (here: its file could not be written) is generated again by the next run,
@@ -349,3 +357,12 @@ def test_rejected_rerun_leaves_the_output_as_it_was(base_run, fast_overrides, tm
     assert run_job(argv_tail[1], output, fast_overrides, *argv_tail[2:]) == EXIT_BAD_INPUT
     assert named in capsys.readouterr().err
     assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
+
+
+def test_the_pool_is_no_larger_than_the_work_and_says_so(ray_cluster, fast_overrides, tmp_path, capsys, recwarn):
+    overrides = [*fast_overrides, "ray.num_actors=2", "ray.batch_size=4"]
+    assert run_job(SAMPLE, tmp_path, overrides, "--limit", "4") == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.count("1 block(s) of work: starting 1 actor(s) of the 2 that ray.num_actors allows") == 1
+    assert "images written: 4" in out
+    assert not [w for w in recwarn if "only received" in str(w.message)], "Ray's warning of an actor without input"

@@ -24,3 +24,13 @@ def test_unknown_table_is_refused_before_any_work(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "unknown table(s) taus" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_only_writes_the_tables_it_measured(tmp_path):
+    assert main(["--out", str(tmp_path), "--only", "alpha", "--prompts", "2", "--batch", "2"]) == 0
+    report = (tmp_path / "quality.md").read_text()
+    assert "### Dense and the τ grid" in report  # the dense row every table is measured against
+    assert report.count("| dense |") == 1 and report.count("| α=") == 4
+    assert "### Anchor grid" in report
+    for unmeasured in ("### Frequency-aware", "### First sparse stage", "### Score block"):
+        assert unmeasured not in report

@@ -43,7 +43,7 @@ PLOT_NAME = "calibration.png"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflows.calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="job config YAML, e.g. configs/tiny-adaptive.yaml")
     parser.add_argument("--prompts", required=True, help="JSONL, CSV, Parquet or text file (path or URI)")
     parser.add_argument("--output", required=True, help="folder or URI for calibration.parquet and calibration.png")

@@ -1,12 +1,15 @@
 """Load a job config from YAML with `--set dotted.key=value` overrides, and report errors by key name."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
 from actors.config import JobConfig
+from sparsevar.backends import ModelConfig
+
+BACKENDS = tuple(get_args(cls.model_fields["backend"].annotation)[0] for cls in get_args(get_args(ModelConfig)[0]))
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,10 @@ def _describe(error: dict[str, Any], tree: dict[str, Any]) -> str:
     if loc[:1] == ["model"] and len(loc) > 1 and loc[1] == str(tree.get("model", {}).get("backend")):
         loc.pop(1)  # the discriminated union's tag is not a key the user wrote
     key = ".".join(loc)
+    if error["type"] == "union_tag_invalid":  # an unknown backend: name it and the valid ones, not the whole section
+        return f"{key}.backend: unknown backend {error['ctx']['tag']!r}; use one of {error['ctx']['expected_tags']}"
+    if error["type"] == "union_tag_not_found":
+        return f"{key}.backend: missing; use one of {', '.join(repr(tag) for tag in BACKENDS)}"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check its spelling and section)"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"

@@ -56,6 +56,11 @@ from workflows.run_record import versions, write_run_json
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_JOB_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Ray Data puts an actor pool's constructor arguments in the object store (no setting changes that), and Ray's core
+# worker logs an error-level line for every such actor that may restart. The job holds those arguments to its end.
+RESTARTS_NOTE = ("note: Ray's 'core_worker.cc ... has constructor arguments in the object store and max_restarts "
+                 "> 0' line above is harmless here: the job keeps those arguments (the config) until it ends, so "
+                 "restarted actors find them (ray#53727)")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class Summary:
     kept_ratio_by_stage: dict[int, float]
     adaptive: AdaptiveReport | None = None
     skipped: int = 0  # images the output already held
+    skipped_errors: int = 0  # input errors (malformed rows) an earlier run recorded, not reported again
+    restartable_pool: bool = False  # an actor pool with max_restarts > 0 ran: Ray logged ray#53727's line
 
     @property
     def images_per_sec(self) -> float:
@@ -75,17 +82,21 @@ class Summary:
         lines = [f"images written: {self.images}", f"rows failed: {self.failed}"]
         if self.skipped:
             lines.append(f"already in the output (skipped): {self.skipped}")
+        if self.skipped_errors:
+            lines.append(f"input errors recorded by an earlier run (skipped): {self.skipped_errors}")
         lines.append(f"images per second: {self.images_per_sec:.2f} ({self.seconds:.1f} s, actor start-up included)")
         if self.kept_ratio_by_stage:
             kept = ", ".join(f"stage {s}: {r:.3f}" for s, r in sorted(self.kept_ratio_by_stage.items()))
             lines.append(f"mean kept ratio per sparse stage: {kept}")
         if self.adaptive is not None:
             lines.append(str(self.adaptive))
+        if self.restartable_pool:
+            lines.append(RESTARTS_NOTE)
         return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflows.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="job config YAML, e.g. configs/tiny.yaml")
     parser.add_argument("--prompts", required=True, help="JSONL, CSV, Parquet or text file (path or URI)")
     parser.add_argument("--output", required=True, help="output folder or URI")
@@ -97,21 +108,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def connect_ray() -> bool:
     """Join RAY_ADDRESS's cluster or start a local one; usage statistics stay off unless the user set them.
-    True when this process started the cluster (then its nodes are all there will be)."""
+    True when this process started the cluster (then its nodes are all there will be).
+
+    Without RAY_ADDRESS the job never joins a cluster Ray finds by itself (a `ray_current_cluster` record left by
+    an earlier `ray start`, maybe of a cluster long gone, or any running one): joining is asked for by name."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return False
-    ray.init(include_dashboard=False)
+    ray.init(address="local", include_dashboard=False)
     return True
 
 
 @dataclass(frozen=True)
 class Plan:
     todo: pa.Table  # rows to generate (webdataset: whole shards, with `shard` and `shard_rows`)
-    skipped: int  # rows the output already holds
+    skipped: int  # images the output already holds
+    skipped_errors: int  # input-error rows the output already holds
     unrecord: dict[str, set]  # metadata file -> shards (webdataset) or (prompt_id, seed) whose rows to take out first
 
 
@@ -158,7 +173,9 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> 
     selector = pa.fs.FileSelector(metadata_path, allow_not_found=True)
     files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
     table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
-    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=job.skipped)
+    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=job.skipped,
+                      skipped_errors=job.skipped_errors,
+                      restartable_pool=job.todo.num_rows > 0 and cfg.ray.max_restarts != 0)
     if controller is not None:
         summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
     write_run_json(output, run_record(cfg, prompts, output, run_id, started_at, summary), endpoint)
@@ -220,12 +237,17 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> Plan:
     try:
         if cfg.output.format == "webdataset":
             shards = plan_shards(assign_shards(table, cfg.output.shard_size), output, cfg.storage.endpoint_url)
-            return Plan(shards.todo, table.num_rows - shards.todo.num_rows, shards.unrecord)
-        done, recorded = completed_keys(output, cfg.storage.endpoint_url)
+            todo, unrecord = shards.todo, shards.unrecord
+        else:
+            done, recorded = completed_keys(output, cfg.storage.endpoint_url)
+            todo, unrecord = pending(table, done, recorded, whole_file=limit is None)
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
-    todo, unrecord = pending(table, done, recorded, whole_file=limit is None)
-    return Plan(todo, table.num_rows - todo.num_rows, unrecord)
+    def errors(rows: pa.Table) -> int:
+        return rows.num_rows - rows["error"].null_count
+
+    skipped_errors = errors(table) - errors(todo)
+    return Plan(todo, table.num_rows - todo.num_rows - skipped_errors, skipped_errors, unrecord)
 
 
 def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
@@ -256,6 +278,10 @@ def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Da
     else:
         rows = B * min(16, max(1, math.ceil(todo.num_rows / (B * 4 * high))))
         blocks, batch_size = [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)], B
+    if len(blocks) < high:  # an actor past the number of blocks would get no input, and Ray would warn so
+        print(f"{len(blocks)} block(s) of work: starting {len(blocks)} actor(s) of the {high} that ray.num_actors "
+              "allows", flush=True)
+        low, high = min(low, len(blocks)), len(blocks)
     with warnings.catch_warnings():  # the retry limits have no named parameter yet; pyproject pins Ray below 2.64
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
         return ray.data.from_arrow(blocks).map_batches(

@@ -21,7 +21,7 @@ from workflows.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", help="a checkpoint file to check against the expected entries")
     parser.add_argument("--component", help="which component the checkpoint holds (default: the only one, or "

@@ -4,6 +4,7 @@ Reading uses Ray Data's own readers; each row is then validated on its own, so a
 as an `error` row instead of failing the job.
 """
 
+import codecs
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -84,15 +85,37 @@ def _in_file_order() -> Iterator[None]:
         options.preserve_order = before
 
 
+def first_non_utf8(filesystem: fs.FileSystem, path: str, chunk: int = 1 << 20) -> tuple[int, int]:
+    """The offset (from 0) and line (from 1) of a file's first byte that is not UTF-8, read a chunk at a time;
+    (size, lines + 1) when every byte is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with filesystem.open_input_stream(path) as stream:
+        while data := stream.read(chunk):
+            pending = len(decoder.getstate()[0])  # a character's first bytes, from the chunk before
+            try:
+                decoder.decode(data)
+            except UnicodeDecodeError as exc:  # positions count the pending bytes first
+                at = exc.start - pending
+                return offset + at, lines + data.count(b"\n", 0, max(at, 0))
+            offset, lines = offset + len(data), lines + data.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:  # the file ends inside a character
+        return offset - len(decoder.getstate()[0]), lines
+    return offset, lines
+
+
 def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> pa.Table:
     """All prompt rows on the driver, in file order, where duplicates and finished work can be seen across the
     whole file. A file that is not UTF-8 or holds no prompt at all raises ConfigError."""
     try:
         with _in_file_order():
             tables = ray.get(read_prompts(uri, limit, endpoint_url=endpoint_url).to_arrow_refs())
-    except UnicodeDecodeError as exc:  # Ray's text reader decodes whole blocks, strictly
-        raise ConfigError(f"prompts file {uri} is not UTF-8 text ({exc.reason} at byte {exc.start} of a block): "
-                          "save it as UTF-8") from None
+    except UnicodeDecodeError:  # Ray's text reader decodes whole blocks, strictly, and tells no position
+        offset, line = first_non_utf8(*check_prompts(uri, endpoint_url))
+        raise ConfigError(f"prompts file {uri} is not UTF-8 text: byte {offset} (line {line}) starts no UTF-8 "
+                          "character; save the file as UTF-8") from None
     tables = [t for t in tables if t.num_rows]
     if not tables:
         raise ConfigError(f"prompts file {uri} holds no prompts: add one prompt per line (or row)")

@@ -76,7 +76,8 @@ def markdown(rows: list[dict[str, Any]], reference: dict[str, float], command: s
     lines = [f"Made by `{command}`.", "",
              f"Yardstick on the held-out scenes themselves: {reference['yardstick']:.3f} "
              f"(all attributes found: {reference['all_found']:.3f}).", ""]
-    for table, title in TABLES.items():
+    measured = {r["table"] for r in rows}
+    for table, title in ((t, title) for t, title in TABLES.items() if t in measured):
         lines += [f"### {title}", "", "| setting | yardstick | all found | PSNR vs dense (dB) | kept | ms/image |",
                   "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["table"] == table):
@@ -88,7 +89,7 @@ def markdown(rows: list[dict[str, Any]], reference: dict[str, float], command: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows.quality", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="job config of the demo model")
     parser.add_argument("--out", type=Path, required=True, help="folder for quality.json and quality.md")
     parser.add_argument("--prompts", type=int, default=64, help="held-out scenes to caption and generate")

@@ -349,7 +349,7 @@ def heading(meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--batches", type=int, nargs="+", help="default 1 8 16 (smoke: 1 2)")
     parser.add_argument("--runs", type=int, help="timed generations per setting, after one warm-up; default 3 "
