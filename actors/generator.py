@@ -107,8 +107,8 @@ class Generator:
         return [{**row, "shard": writer.uri} for row in out]
 
     def _write_file(self, row: dict[str, Any], result: ImageResult, tau: float | None) -> dict[str, Any]:
-        uri, sha256 = self.writer.write(row["prompt_id"], row["seed"], result.pixels_HWC)
-        return {"image_uri": uri, "image_sha256": sha256}
+        stored = self.writer.write(row["prompt_id"], row["seed"], result.pixels_HWC)
+        return {"image_uri": stored.uri, "image_sha256": stored.sha256, "image_bytes": stored.size}
 
     def _write_sample(self, writer: ShardWriter, row: dict[str, Any], result: ImageResult,
                       tau: float | None) -> dict[str, Any]:
@@ -123,7 +123,7 @@ class Generator:
         writer.add(key, {EXTENSIONS[fmt]: data, "json": json.dumps(record, ensure_ascii=False).encode("utf-8"),
                          "txt": row["prompt"].encode("utf-8")})
         return {"image_uri": member_uri(writer.uri, key, EXTENSIONS[fmt]), "image_sha256": sha256,
-                "sample_key": key}
+                "image_bytes": len(data), "sample_key": key}
 
     def _sparsevar(self) -> SparseVARConfig:
         """This batch's settings: the configured ones, with the controller's τ when adaptive."""

@@ -9,7 +9,7 @@ import os
 import re
 import uuid
 from contextlib import suppress
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -88,6 +88,12 @@ def _write_local_atomically(path: str, data: bytes) -> None:
         raise
 
 
+class StoredImage(NamedTuple):
+    uri: str
+    sha256: str
+    size: int  # bytes: a resumed run compares it with the file's, to find an image damaged on disk
+
+
 class ImageWriter:
     """Stores encoded images under ``{output_uri}/images/`` on local disk or S3."""
 
@@ -106,8 +112,8 @@ class ImageWriter:
         self._local = isinstance(filesystem, fs.LocalFileSystem)
         self._root_uri = self._root if self._local else output_uri
 
-    def write(self, prompt_id: str, seed: int, pixels_HWC: np.ndarray) -> tuple[str, str]:
-        """Store one image and return its URI and the sha256 of its bytes (for the metadata record)."""
+    def write(self, prompt_id: str, seed: int, pixels_HWC: np.ndarray) -> StoredImage:
+        """Store one image and return where, with the sha256 and size of its bytes (for the metadata record)."""
         data = encode_image(pixels_HWC, self.fmt, self.quality)
         key = image_key(prompt_id, seed, self.fmt)
         uri = join(self._root_uri, key)
@@ -115,7 +121,7 @@ class ImageWriter:
             _write_local_atomically(uri, data)
         else:
             put_bytes(uri, data, CONTENT_TYPES[self.fmt], self.endpoint_url)
-        return uri, hashlib.sha256(data).hexdigest()
+        return StoredImage(uri, hashlib.sha256(data).hexdigest(), len(data))
 
 
 def write_imagefolder_metadata(output_uri: str, records: list[dict], endpoint_url: str | None = None) -> str | None:

@@ -43,6 +43,9 @@ METADATA_SCHEMA = pa.schema(
         # in it; image_uri is then `{shard}#{sample_key}.{ext}`. Error rows carry their shard too.
         ("shard", pa.string()),
         ("sample_key", pa.string()),
+        # the stored image's size in bytes (null on error rows and in files written before the column): a resumed
+        # run regenerates an image whose file has another size
+        ("image_bytes", pa.int64()),
     ]
 )
 

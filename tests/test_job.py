@@ -64,6 +64,7 @@ def assert_ok_row(row: dict, output: Path) -> None:
     assert path.parent == output / "images"
     assert path.name == f"{row['prompt_id']}-s{row['seed']}.png"
     assert row["image_sha256"] == sha256_file(path)
+    assert row["image_bytes"] == path.stat().st_size
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.mode == "RGB"
@@ -247,6 +248,31 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
     assert sorted(json.loads(line)["file_name"] for line in index) == ["a-s1.png", "b-s2.png"]
 
 
+def test_a_damaged_image_is_generated_again_by_its_size_or_with_verify_its_sha256(ray_cluster, fast_overrides,
+                                                                                  tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run_job(SAMPLE, output, fast_overrides, "--limit", "3") == EXIT_OK
+    first = image_files(output)
+    names = sorted(first)
+    truncated, flipped = output / "images" / names[0], output / "images" / names[1]
+    truncated.write_bytes(truncated.read_bytes()[:100])  # cut short on disk
+    data = bytearray(flipped.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes: only --verify reads it
+    flipped.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert run_job(SAMPLE, output, fast_overrides, "--limit", "3") == EXIT_OK
+    assert "images written: 1" in capsys.readouterr().out
+    assert sha256_file(truncated) == first[names[0]] and sha256_file(flipped) != first[names[1]]
+    assert run_job(SAMPLE, output, fast_overrides, "--limit", "3", "--verify") == EXIT_OK
+    assert "images written: 1" in capsys.readouterr().out
+    assert image_files(output) == first
+    rows = rows_by_id(output)  # one row per image, every one whole
+    assert len(rows) == 3
+    for row in rows.values():
+        assert_ok_row(row, output)
+
+
 @pytest.mark.parametrize(
     ("argv_tail", "named"),
     [
@@ -257,6 +283,8 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
         (["--prompts", "ftp://host/p.jsonl"], "cannot open prompts ftp://host/p.jsonl: unsupported location"),
         (["--prompts", str(SAMPLE), "--output", "ftp://host/out"], "unsupported location 'ftp://host/out': use a"),
         (["--prompts", str(SAMPLE), "--output", " "], "--output is empty: name the output folder or URI"),
+        (["--prompts", str(SAMPLE), "--verify", "--set", "output.format=webdataset"],
+         "--verify checks images of the files layout"),
         (["--prompts", str(SAMPLE), "--set", "sparsevar.score_block=99"],
          "sparsevar.score_block=99 is past the model's last block (model.depth=6); pick one from 1 to 6"),
     ],
@@ -268,6 +296,7 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
         "bad-prompts-uri",
         "bad-output-uri",
         "empty-output",
+        "verify-webdataset",
         "score-block-past-depth",
     ],
 )

@@ -52,7 +52,7 @@ def test_ids_that_would_share_an_image_name_become_error_rows():
 
 def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
     writer = ImageWriter(str(tmp_path))
-    uri_a, sha_a = writer.write("a", 1, np.zeros((4, 4, 3), np.uint8))
+    uri_a, sha_a, _ = writer.write("a", 1, np.zeros((4, 4, 3), np.uint8))
     rows = [
         {"prompt_id": "a", "prompt": "a", "seed": 1, "model": "tiny", "status": "ok", "image_uri": uri_a,
          "image_sha256": sha_a},
@@ -83,7 +83,7 @@ def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
 
 def test_a_whole_file_run_takes_out_rows_of_keys_the_file_no_longer_asks_for(tmp_path):
     writer = ImageWriter(str(tmp_path))
-    uri, sha = writer.write("kept", 1, np.zeros((4, 4, 3), np.uint8))
+    uri, sha, _ = writer.write("kept", 1, np.zeros((4, 4, 3), np.uint8))
     (tmp_path / "metadata").mkdir()
     rows = [{"prompt_id": "kept", "prompt": "p", "seed": 1, "model": "tiny", "status": "ok", "image_uri": uri,
              "image_sha256": sha},  # an image of an earlier prompt file stays

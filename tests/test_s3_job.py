@@ -57,6 +57,15 @@ def test_prompts_images_and_metadata_on_s3_and_resume(ray_cluster, fast_override
     assert pq.read_table(path, filesystem=filesystem).num_rows == 5
     assert {k: v for k, v in objects(bucket, "out/run1/images/").items() if k.endswith(".png")} == images
 
+    # an image damaged in the bucket (same size, other bytes) is found by --verify, which reads every image
+    damaged = bytearray(images["out/run1/images/p3-s3.png"])
+    damaged[-20] ^= 0xFF
+    bucket.put_object(Bucket="bucket", Key="out/run1/images/p3-s3.png", Body=bytes(damaged))
+    assert main([*argv, "--verify"]) == 0
+    assert "images written: 1" in capsys.readouterr().out
+    assert {k: v for k, v in objects(bucket, "out/run1/images/").items() if k.endswith(".png")} == images
+    assert pq.read_table(path, filesystem=filesystem).num_rows == 5
+
 
 def test_webdataset_job_on_s3_writes_shards_and_remakes_a_lost_one(ray_cluster, fast_overrides, s3_endpoint, bucket,
                                                                    capsys):

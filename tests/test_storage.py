@@ -141,7 +141,7 @@ def test_encode_rejects_bad_options(fmt, quality):
 
 def test_image_writer_writes_file_and_returns_uri_and_sha256(tmp_path):
     pixels = _pixels()
-    uri, digest = ImageWriter(str(tmp_path / "out")).write("a/b", 5, pixels)
+    uri, digest, _ = ImageWriter(str(tmp_path / "out")).write("a/b", 5, pixels)
     assert uri == str(tmp_path / "out" / image_key("a/b", 5, "png"))
     with open(uri, "rb") as file:
         data = file.read()
@@ -152,8 +152,8 @@ def test_image_writer_writes_file_and_returns_uri_and_sha256(tmp_path):
 
 def test_image_writer_overwrites_the_same_key(tmp_path):
     writer = ImageWriter(str(tmp_path), fmt="jpeg")
-    first_uri, first_digest = writer.write("cat", 1, _pixels())
-    second_uri, second_digest = writer.write("cat", 1, 255 - _pixels())
+    first_uri, first_digest, _ = writer.write("cat", 1, _pixels())
+    second_uri, second_digest, _ = writer.write("cat", 1, 255 - _pixels())
     assert first_uri == second_uri and first_uri.endswith(".jpg")
     assert first_digest != second_digest
     assert os.listdir(tmp_path / "images") == ["cat-s1.jpg"]
@@ -161,8 +161,8 @@ def test_image_writer_overwrites_the_same_key(tmp_path):
 
 def test_image_writer_resolves_relative_and_file_uris_to_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    relative_uri, _ = ImageWriter("out").write("cat", 1, _pixels())
-    file_uri, _ = ImageWriter(f"file://{tmp_path}/other").write("cat", 1, _pixels())
+    relative_uri, _, _ = ImageWriter("out").write("cat", 1, _pixels())
+    file_uri, _, _ = ImageWriter(f"file://{tmp_path}/other").write("cat", 1, _pixels())
     assert relative_uri == str(tmp_path / "out" / "images" / "cat-s1.png")
     assert file_uri == str(tmp_path / "other" / "images" / "cat-s1.png")
     assert os.path.isfile(relative_uri) and os.path.isfile(file_uri)
@@ -267,7 +267,7 @@ def _row(prompt_id: str = "cat", **overrides) -> dict:
 def test_metadata_schema_field_order():
     assert METADATA_SCHEMA.names == [
         "prompt_id", "prompt", "seed", "model", "width", "height", "image_uri", "image_sha256",
-        "tau", "latency_ms", "stages", "status", "error", "written_at", "shard", "sample_key",
+        "tau", "latency_ms", "stages", "status", "error", "written_at", "shard", "sample_key", "image_bytes",
     ]  # fmt: skip
     assert METADATA_SCHEMA.field("stages").type == pa.list_(STAGE_TYPE)
 
@@ -327,7 +327,7 @@ def test_read_metadata_without_files_is_empty(tmp_path):
 
 def test_image_writer_and_read_metadata_on_s3(s3_endpoint):
     writer = ImageWriter("s3://bucket/run/", fmt="webp", endpoint_url=s3_endpoint)
-    uri, digest = writer.write("a/b", 2, _pixels())
+    uri, digest, _ = writer.write("a/b", 2, _pixels())
     assert uri == f"s3://bucket/run/{image_key('a/b', 2, 'webp')}"
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     stored = s3.get_object(Bucket="bucket", Key=uri.removeprefix("s3://bucket/"))

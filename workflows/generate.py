@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", required=True, help="JSONL, CSV, Parquet or text file (path or URI)")
     parser.add_argument("--output", required=True, help="output folder or URI")
     parser.add_argument("--limit", type=int, default=None, help="generate at most this many prompts")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every image the output records and generate again those whose sha256 differs "
+                        "from their row (files layout; without it, a resumed run compares sizes only)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set sparsevar.tau=0.5 (repeatable)")
     return parser.parse_args(argv)
@@ -130,7 +133,7 @@ class Plan:
     unrecord: dict[str, set]  # metadata file -> shards (webdataset) or (prompt_id, seed) whose rows to take out first
 
 
-def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> Summary:
+def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, verify: bool = False) -> Summary:
     """Run the pipeline (read, generate in an actor pool, write Parquet), summarise this run's rows and
     record the run in `{output}/run.json`.
 
@@ -144,7 +147,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None) -> 
     run_id, started_at = uuid.uuid4().hex[:12], datetime.now(UTC)
     check_output(output, endpoint)
     filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
-    job = plan(cfg, prompts, output, limit)
+    job = plan(cfg, prompts, output, limit, verify)
     try:  # fails early, naming the output, when it is not writable
         write_run_json(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat()}, endpoint)
     except OSError as exc:
@@ -229,9 +232,10 @@ def check_output(output: str, endpoint_url: str | None) -> None:
         raise ConfigError(f"bad output location: {exc}") from None
 
 
-def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> Plan:
-    """Every image the prompts ask for, less those the output already holds (see workflows.resume). Writes
-    nothing, except to quarantine a metadata file cut off by a crash."""
+def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: bool = False) -> Plan:
+    """Every image the prompts ask for, less those the output already holds whole (see workflows.resume; with
+    `verify`, every recorded image's sha256 is checked). Writes nothing, except to quarantine a metadata file cut
+    off by a crash."""
     table = read_prompt_table(prompts, limit, cfg.storage.endpoint_url)
     table = mark_duplicates(expand_images(table, cfg.output.images_per_prompt))
     try:
@@ -239,7 +243,7 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None) -> Plan:
             shards = plan_shards(assign_shards(table, cfg.output.shard_size), output, cfg.storage.endpoint_url)
             todo, unrecord = shards.todo, shards.unrecord
         else:
-            done, recorded = completed_keys(output, cfg.storage.endpoint_url)
+            done, recorded = completed_keys(output, cfg.storage.endpoint_url, verify)
             todo, unrecord = pending(table, done, recorded, whole_file=limit is None)
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
@@ -331,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+        if args.verify and cfg.output.format != "files":
+            raise ConfigError("--verify checks images of the files layout; a webdataset shard is redone whole when "
+                              "its tar or rows are incomplete")
         check_score_block(cfg)
         check_prompts(args.prompts, cfg.storage.endpoint_url)  # before paying for a cluster start
         check_output(args.output, cfg.storage.endpoint_url)
         check_actor_fits(cfg.ray, local=connect_ray())
-        summary = run(cfg, args.prompts, args.output, args.limit)
+        summary = run(cfg, args.prompts, args.output, args.limit, args.verify)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

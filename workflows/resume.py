@@ -13,11 +13,13 @@ seeds, so the same samples) after its rows, if some were recorded, are taken out
 hold them (each file rewritten in one step). Readers of the metadata so see every sample once.
 """
 
+import hashlib
 import logging
 import posixpath
 import uuid
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,30 +107,60 @@ def _layout_error(output: str, found: str, wanted: str) -> ConfigError:
                        f"{wanted}: set output.format: {found} to continue it, or write to a new output")
 
 
-def completed_keys(output: str, endpoint_url: str | None = None) -> tuple[set[Key], dict[Key, set[str]]]:
-    """(prompt_id, seed) of every `ok` row in the output's metadata whose image is still there, and of every
+def completed_keys(output: str, endpoint_url: str | None = None, verify: bool = False
+                   ) -> tuple[set[Key], dict[Key, set[str]]]:
+    """(prompt_id, seed) of every `ok` row in the output's metadata whose image is still there, whole, and of every
     row at all with the metadata files that hold it (so a malformed input row is reported once, not once per
     run, and a retried image's earlier rows can be taken out). `files` layout only.
 
-    A metadata file that cannot be read is quarantined (see recorded_tables); its images are regenerated, byte for
-    byte, by this run.
+    An image whose file has another size than its row records (`image_bytes`; rows from before the column are
+    taken at their word) is not done, so it is generated again; with `verify`, neither is one whose bytes have
+    another sha256 (every image is read). A metadata file that cannot be read is quarantined (see
+    recorded_tables); its images are regenerated, byte for byte, by this run.
     """
     filesystem, root = resolve(output, endpoint_url)
-    images = {posixpath.basename(i.path) for i in filesystem.get_file_info(
+    images = {posixpath.basename(i.path): i for i in filesystem.get_file_info(
         fs.FileSelector(join(root, "images"), recursive=True, allow_not_found=True)) if i.type == fs.FileType.File}
-    done: set[Key] = set()
+    done: dict[Key, tuple[str, str]] = {}  # -> the image's path and recorded sha256
     recorded: dict[Key, set[str]] = {}
-    for path, table in recorded_tables(output, endpoint_url, ["prompt_id", "seed", "status", "image_uri", "shard"]):
+    damaged: list[str] = []
+    columns = ["prompt_id", "seed", "status", "image_uri", "image_sha256", "image_bytes", "shard"]
+    for path, table in recorded_tables(output, endpoint_url, columns):
         if table["shard"].null_count < table.num_rows:
             raise _layout_error(output, "webdataset", "files")
         for key in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True):
             recorded.setdefault(key, set()).add(path)
         ok = table.filter(pc.equal(table["status"], "ok"))
-        for pid, seed, uri in zip(ok["prompt_id"].to_pylist(), ok["seed"].to_pylist(), ok["image_uri"].to_pylist(),
-                                  strict=True):
-            if posixpath.basename(uri) in images:
-                done.add((pid, seed))
-    return done, recorded
+        named = (ok[c].to_pylist() for c in ("prompt_id", "seed", "image_uri", "image_sha256", "image_bytes"))
+        for pid, seed, uri, sha, size in zip(*named, strict=True):
+            info = images.get(posixpath.basename(uri))
+            if info is None:
+                continue
+            if size is not None and info.size != int(size):
+                damaged.append(info.path)
+            else:
+                done[pid, seed] = info.path, sha
+    if verify:
+        damaged += [done.pop(key)[0] for key in _sha256_mismatches(filesystem, done)]
+    if damaged:
+        shown = ", ".join(sorted(damaged)[:5]) + (", ..." if len(damaged) > 5 else "")
+        log.warning("%d image(s) differ from their metadata (size%s), generating them again: %s", len(damaged),
+                    " or sha256" if verify else "", shown)
+    return set(done), recorded
+
+
+def _sha256_mismatches(filesystem: fs.FileSystem, images: dict[Key, tuple[str, str]], threads: int = 16) -> list[Key]:
+    """The keys whose image's bytes do not hash to the recorded sha256, read `threads` at a time."""
+    def differs(item: tuple[Key, tuple[str, str]]) -> Key | None:
+        key, (path, sha) = item
+        digest = hashlib.sha256()
+        with filesystem.open_input_stream(path) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return key if digest.hexdigest() != sha else None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [key for key in pool.map(differs, images.items()) if key is not None]
 
 
 def pending(prompts: pa.Table, done: set[Key], recorded: dict[Key, set[str]], whole_file: bool = False
