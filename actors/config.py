@@ -47,6 +47,9 @@ class OutputConfig(StrictModel):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
     images_per_prompt: int = Field(1, ge=1, description="images per prompt; seeds after the first are derived")
+    lease_ttl_s: float = Field(
+        60.0, gt=0, description="seconds a job's lease on its output lasts unless renewed (every third of it): a "
+        "second job on the output is refused meanwhile, and a dead job's lease is taken over after it")
 
 
 class StorageConfig(StrictModel):

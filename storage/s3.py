@@ -27,13 +27,16 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-@lru_cache(maxsize=8)
-def client(endpoint_url: str | None = None):
-    """One client per endpoint and process, with adaptive retries for throttling and transient errors."""
+def new_client(endpoint_url: str | None = None):
+    """A client with the credentials of this moment, adaptive retries for throttling and transient errors."""
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(retries={"max_attempts": 10, "mode": "adaptive"},
                     s3={"addressing_style": "path"} if endpoint else {})
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+client = lru_cache(maxsize=8)(new_client)
+client.__doc__ = "One client per endpoint and process (new_client's, cached), for the many writes of an actor."
 
 
 def put_bytes(uri: str, data: bytes, content_type: str, endpoint_url: str | None = None) -> None:

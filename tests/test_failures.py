@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,8 +24,11 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
+LEASE_TTL_S = 15  # a killed driver's lease on the output expires this long after its last renewal
+
+
 def start_job(ray_cluster, fast_overrides, prompts: Path, out: Path) -> subprocess.Popen:
-    overrides = [*fast_overrides, "ray.batch_size=1"]
+    overrides = [*fast_overrides, "ray.batch_size=1", f"output.lease_ttl_s={LEASE_TTL_S}"]
     return subprocess.Popen(
         [sys.executable, "-m", "workflows.generate", "--config", "configs/tiny-random.yaml", "--prompts", str(prompts),
          "--output", str(out), *[a for o in overrides for a in ("--set", o)]],
@@ -89,6 +93,12 @@ def test_stopped_job_resumes_to_the_uninterrupted_output(ray_cluster, fast_overr
     job.wait(timeout=60)
     partial = len(list((out / "images").glob("*.png")))
     assert partial < PROMPTS
+    # the dead driver's lease holds the output until it expires: a rerun at once is refused, naming the holder
+    refused = start_job(ray_cluster, fast_overrides, prompts, out)
+    log, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "is being written by another job" in log, log
+    expires = datetime.fromisoformat(json.loads((out / "_lease.json").read_text())["expires"])
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.5)
     rerun = start_job(ray_cluster, fast_overrides, prompts, out)
     log, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, log
@@ -111,3 +121,21 @@ def test_without_ray_address_a_stale_cluster_record_is_not_joined(fast_overrides
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "images written: 2" in done.stdout
     assert time.monotonic() - started < 120  # it hung 823 s on the stale record
+
+
+def test_a_second_job_on_a_busy_output_is_refused_and_the_first_records_every_image_once(
+        ray_cluster, fast_overrides, prompts, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    first = start_job(ray_cluster, fast_overrides, prompts, out)
+    deadline = time.monotonic() + 120
+    while not (out / "_lease.json").exists():
+        assert time.monotonic() < deadline and first.poll() is None, "the first job took no lease"
+        time.sleep(0.1)
+    holder = json.loads((out / "_lease.json").read_text())
+    second = start_job(ray_cluster, fast_overrides, prompts, out)
+    log, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, log
+    assert f"is being written by another job (run {holder['run_id']} on host {holder['host']}, pid" in log
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert outputs(out) == uninterrupted  # one row per image (outputs() would see a second row), right bytes
+    assert not (out / "_lease.json").exists()  # given back at the end

@@ -6,6 +6,7 @@ Each job run costs seconds (mostly actor start-up), so runs are few and each one
 import hashlib
 import json
 import math
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -246,6 +247,19 @@ def test_a_failed_image_is_retried_on_rerun_and_recorded_once(ray_cluster, fast_
     assert rows["a"]["image_sha256"] == first["a"]["image_sha256"] and rows["empty"]["status"] == "error"
     index = (output / "images" / IMAGEFOLDER_METADATA).read_text().splitlines()
     assert sorted(json.loads(line)["file_name"] for line in index) == ["a-s1.png", "b-s2.png"]
+
+
+def test_rows_recorded_twice_from_before_the_lease_are_repaired_by_the_next_run(ray_cluster, fast_overrides,
+                                                                               tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run_job(SAMPLE, output, fast_overrides, "--limit", "3") == EXIT_OK
+    (original,) = (output / "metadata").glob("*.parquet")
+    shutil.copy(original, output / "metadata" / "other-job.parquet")  # as two jobs on one output left it
+    capsys.readouterr()
+    assert run_job(SAMPLE, output, fast_overrides, "--limit", "3") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "images written: 0" in out and "images recorded more than once, surplus rows taken out: 3" in out
+    assert len(rows_by_id(output)) == 3  # asserts one row per prompt id
 
 
 def test_a_damaged_image_is_generated_again_by_its_size_or_with_verify_its_sha256(ray_cluster, fast_overrides,

@@ -1,5 +1,7 @@
 """Which rows a (re-)run still has to generate, from the output's own metadata."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +19,7 @@ from workflows.resume import (
     mark_duplicates,
     pending,
     plan_shards,
+    unrecord_duplicates,
     unrecord_images,
     unrecord_shards,
 )
@@ -64,7 +67,8 @@ def test_completed_keys_need_an_ok_row_and_its_image(tmp_path):
     pq.write_table(metadata_table(rows), tmp_path / "metadata" / "run1.parquet")
     (tmp_path / "metadata" / "cut-off.parquet").write_bytes(b"PAR1 truncated")
     (tmp_path / "metadata" / "_run1.parquet.0123abcd.tmp").write_bytes(b"PAR1 half a rewrite")
-    done, recorded = completed_keys(str(tmp_path))
+    done, recorded, duplicates = completed_keys(str(tmp_path))
+    assert duplicates == {}
     assert not (tmp_path / "metadata" / "_run1.parquet.0123abcd.tmp").exists()
     assert done == {("a", 1)}
     run1 = str(tmp_path / "metadata" / "run1.parquet")
@@ -92,8 +96,9 @@ def test_a_whole_file_run_takes_out_rows_of_keys_the_file_no_longer_asks_for(tmp
     pq.write_table(metadata_table(rows), tmp_path / "metadata" / "run1.parquet")
     now = prompts(("fixed", 77, None))
     run1 = str(tmp_path / "metadata" / "run1.parquet")
-    assert pending(now, *completed_keys(str(tmp_path)))[1] == {}  # a --limit run may not see every line
-    todo, unrecord = pending(now, *completed_keys(str(tmp_path)), whole_file=True)
+    found = completed_keys(str(tmp_path))
+    assert pending(now, found.done, found.recorded)[1] == {}  # a --limit run may not see every line
+    todo, unrecord = pending(now, found.done, found.recorded, whole_file=True)
     assert todo["prompt_id"].to_pylist() == ["fixed"] and unrecord == {run1: {("fixed", 9)}}
 
 
@@ -101,8 +106,27 @@ def test_an_input_error_already_recorded_is_not_reported_again(tmp_path):
     (tmp_path / "metadata").mkdir()
     pq.write_table(metadata_table([{"prompt_id": "x", "prompt": "", "seed": 3, "model": "tiny", "status": "error",
                                     "error": "empty prompt"}]), tmp_path / "metadata" / "run1.parquet")
-    todo, unrecord = pending(prompts(("x", 3, "empty prompt")), *completed_keys(str(tmp_path)))
+    todo, unrecord = pending(prompts(("x", 3, "empty prompt")), *completed_keys(str(tmp_path))[:2])
     assert todo.num_rows == 0 and unrecord == {}
+
+
+def test_an_image_recorded_twice_keeps_one_ok_row_and_the_surplus_is_taken_out(tmp_path):
+    writer = ImageWriter(str(tmp_path))
+    stored = writer.write("a", 1, np.zeros((4, 4, 3), np.uint8))
+    ok = {"prompt_id": "a", "prompt": "a", "seed": 1, "model": "tiny", "status": "ok", "image_uri": stored.uri,
+          "image_sha256": stored.sha256, "image_bytes": stored.size}
+    duplicate = {"prompt_id": "a", "prompt": "a", "seed": 1, "model": "tiny", "status": "error",
+                 "error": "duplicate id 'a' with seed 1"}  # an input error that shares the key stays
+    (tmp_path / "metadata").mkdir()
+    pq.write_table(metadata_table([ok, duplicate, ok]), tmp_path / "metadata" / "job1.parquet")
+    pq.write_table(metadata_table([{**ok, "image_bytes": stored.size + 1}, ok]), tmp_path / "metadata" / "job2.parquet")
+    found = completed_keys(str(tmp_path))
+    job1, job2 = (str(tmp_path / "metadata" / f"job{i}.parquet") for i in (1, 2))
+    assert found.done == {("a", 1)}
+    assert found.duplicates == {job1: {(("a", 1), 2)}, job2: {(("a", 1), 0), (("a", 1), 1)}}
+    assert unrecord_duplicates(str(tmp_path), found.duplicates) == 3
+    assert pq.read_table(job1)["status"].to_pylist() == ["ok", "error"] and not Path(job2).exists()
+    assert completed_keys(str(tmp_path)).duplicates == {}
 
 
 # --- webdataset: whole shards --------------------------------------------------------------------------------------

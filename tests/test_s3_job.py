@@ -136,7 +136,7 @@ def test_buckets_that_are_missing_or_forbidden_are_named_before_any_work(ray_clu
         assert main(argv) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
         assert named in err, err
-        assert "ACCESS_DENIED" in err or "not found" in err, err
+        assert "ACCESS_DENIED" in err or "AccessDenied" in err or "not found" in err, err
         assert "check the URI, the endpoint and your access" in err or "try configs/prompts/sample.jsonl" in err, err
     session = boto3.session.Session()  # not the default session: that one holds the earlier credentials
     assert not objects(session.client("s3", endpoint_url=s3_endpoint), "out/x")  # nothing started

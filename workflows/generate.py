@@ -19,6 +19,7 @@ import time
 import traceback
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,7 @@ from actors.config import JobConfig, RayConfig
 from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
 from storage.images import write_imagefolder_metadata
+from storage.lease import LeaseHeld, OutputLease
 from storage.metadata import METADATA_DIR, METADATA_SCHEMA, read_metadata
 from storage.shards import remove_temp_files
 from storage.uris import join, resolve
@@ -49,6 +51,7 @@ from workflows.resume import (
     mark_duplicates,
     pending,
     plan_shards,
+    unrecord_duplicates,
     unrecord_images,
     unrecord_shards,
 )
@@ -73,6 +76,7 @@ class Summary:
     skipped: int = 0  # images the output already held
     skipped_errors: int = 0  # input errors (malformed rows) an earlier run recorded, not reported again
     restartable_pool: bool = False  # an actor pool with max_restarts > 0 ran: Ray logged ray#53727's line
+    deduplicated: int = 0  # surplus rows of images recorded more than once, taken out
 
     @property
     def images_per_sec(self) -> float:
@@ -84,6 +88,8 @@ class Summary:
             lines.append(f"already in the output (skipped): {self.skipped}")
         if self.skipped_errors:
             lines.append(f"input errors recorded by an earlier run (skipped): {self.skipped_errors}")
+        if self.deduplicated:
+            lines.append(f"images recorded more than once, surplus rows taken out: {self.deduplicated}")
         lines.append(f"images per second: {self.images_per_sec:.2f} ({self.seconds:.1f} s, actor start-up included)")
         if self.kept_ratio_by_stage:
             kept = ", ".join(f"stage {s}: {r:.3f}" for s, r in sorted(self.kept_ratio_by_stage.items()))
@@ -131,21 +137,48 @@ class Plan:
     skipped: int  # images the output already holds
     skipped_errors: int  # input-error rows the output already holds
     unrecord: dict[str, set]  # metadata file -> shards (webdataset) or (prompt_id, seed) whose rows to take out first
+    duplicates: dict[str, set]  # metadata file -> surplus ok rows of done images, to take out (files layout)
 
 
 def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, verify: bool = False) -> Summary:
     """Run the pipeline (read, generate in an actor pool, write Parquet), summarise this run's rows and
     record the run in `{output}/run.json`.
 
-    Everything that can reject the input (prompts, output location, an output written with another layout) is
-    checked before the first write, so a rejected run leaves an existing output as it was."""
+    The output's lease is taken first (a second job on it is refused); everything else that can reject the input
+    (prompts, output location, an output written with another layout) is checked before the first write, so a
+    rejected run leaves an existing output as it was, its lease given back."""
     try:  # read and check the calibration here, before any actor starts
         controller = controller_for(cfg) if cfg.adaptive.enabled else None
     except CalibrationError as exc:
         raise ConfigError(f"adaptive.calibration: {exc}") from None
-    endpoint = cfg.storage.endpoint_url
-    run_id, started_at = uuid.uuid4().hex[:12], datetime.now(UTC)
-    check_output(output, endpoint)
+    run_id = uuid.uuid4().hex[:12]
+    check_output(output, cfg.storage.endpoint_url)
+    with output_lease(output, cfg.storage.endpoint_url, run_id, cfg.output.lease_ttl_s):
+        return run_leased(cfg, prompts, output, limit, verify, run_id, controller)
+
+
+@contextlib.contextmanager
+def output_lease(output: str, endpoint: str | None, run_id: str, ttl_s: float) -> Iterator[OutputLease]:
+    """This run's lease on the output (storage.lease), taken before anything is read or written: a second job on
+    the output, or one that cannot write there, is refused with ConfigError (exit 2)."""
+    lease = OutputLease(output, endpoint, run_id, ttl_s)
+    try:
+        lease.__enter__()
+    except LeaseHeld as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
+                          "access)") from None
+    try:
+        yield lease
+    finally:
+        lease.__exit__()
+
+
+def run_leased(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: bool, run_id: str,
+               controller: Any) -> Summary:
+    """`run` once the output's lease is held: plan, generate, record."""
+    endpoint, started_at = cfg.storage.endpoint_url, datetime.now(UTC)
     filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
     job = plan(cfg, prompts, output, limit, verify)
     try:  # fails early, naming the output, when it is not writable
@@ -155,6 +188,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
                           "access)") from None
     if job.unrecord:
         (unrecord_shards if cfg.output.format == "webdataset" else unrecord_images)(output, job.unrecord, endpoint)
+    deduplicated = unrecord_duplicates(output, job.duplicates, endpoint) if job.duplicates else 0
     started = time.perf_counter()
     try:
         if job.todo.num_rows:
@@ -177,7 +211,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
     files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
     table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
     summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=job.skipped,
-                      skipped_errors=job.skipped_errors,
+                      skipped_errors=job.skipped_errors, deduplicated=deduplicated,
                       restartable_pool=job.todo.num_rows > 0 and cfg.ray.max_restarts != 0)
     if controller is not None:
         summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
@@ -241,17 +275,18 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: b
     try:
         if cfg.output.format == "webdataset":
             shards = plan_shards(assign_shards(table, cfg.output.shard_size), output, cfg.storage.endpoint_url)
-            todo, unrecord = shards.todo, shards.unrecord
+            todo, unrecord, duplicates = shards.todo, shards.unrecord, {}
         else:
-            done, recorded = completed_keys(output, cfg.storage.endpoint_url, verify)
-            todo, unrecord = pending(table, done, recorded, whole_file=limit is None)
+            found = completed_keys(output, cfg.storage.endpoint_url, verify)
+            todo, unrecord = pending(table, found.done, found.recorded, whole_file=limit is None)
+            duplicates = found.duplicates
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
     def errors(rows: pa.Table) -> int:
         return rows.num_rows - rows["error"].null_count
 
     skipped_errors = errors(table) - errors(todo)
-    return Plan(todo, table.num_rows - todo.num_rows - skipped_errors, skipped_errors, unrecord)
+    return Plan(todo, table.num_rows - todo.num_rows - skipped_errors, skipped_errors, unrecord, duplicates)
 
 
 def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -107,46 +108,64 @@ def _layout_error(output: str, found: str, wanted: str) -> ConfigError:
                        f"{wanted}: set output.format: {found} to continue it, or write to a new output")
 
 
-def completed_keys(output: str, endpoint_url: str | None = None, verify: bool = False
-                   ) -> tuple[set[Key], dict[Key, set[str]]]:
+class Recorded(NamedTuple):
+    """What the metadata of a `files` output says is done (see completed_keys)."""
+
+    done: set[Key]  # keys with an ok row whose image is there, whole
+    recorded: dict[Key, set[str]]  # every key with a row -> the metadata files holding its rows
+    duplicates: dict[str, set[tuple[Key, int]]]  # file -> (key, n): the n-th row of the key there, a surplus ok row
+
+
+def completed_keys(output: str, endpoint_url: str | None = None, verify: bool = False) -> Recorded:
     """(prompt_id, seed) of every `ok` row in the output's metadata whose image is still there, whole, and of every
     row at all with the metadata files that hold it (so a malformed input row is reported once, not once per
     run, and a retried image's earlier rows can be taken out). `files` layout only.
 
     An image whose file has another size than its row records (`image_bytes`; rows from before the column are
     taken at their word) is not done, so it is generated again; with `verify`, neither is one whose bytes have
-    another sha256 (every image is read). A metadata file that cannot be read is quarantined (see
-    recorded_tables); its images are regenerated, byte for byte, by this run.
+    another sha256 (every image is read). A done image recorded by several ok rows (two jobs that wrote one
+    output at once, before the lease) keeps the first that matches its file; the others are `duplicates`, to take
+    out. A metadata file that cannot be read is quarantined (see recorded_tables); its images are regenerated,
+    byte for byte, by this run.
     """
     filesystem, root = resolve(output, endpoint_url)
     images = {posixpath.basename(i.path): i for i in filesystem.get_file_info(
         fs.FileSelector(join(root, "images"), recursive=True, allow_not_found=True)) if i.type == fs.FileType.File}
-    done: dict[Key, tuple[str, str]] = {}  # -> the image's path and recorded sha256
     recorded: dict[Key, set[str]] = {}
-    damaged: list[str] = []
+    ok_rows: dict[Key, list[tuple[str, int, bool, str, str]]] = {}  # -> (file, n, image whole, sha256, name)
     columns = ["prompt_id", "seed", "status", "image_uri", "image_sha256", "image_bytes", "shard"]
-    for path, table in recorded_tables(output, endpoint_url, columns):
+    for path, table in sorted(recorded_tables(output, endpoint_url, columns)):
         if table["shard"].null_count < table.num_rows:
             raise _layout_error(output, "webdataset", "files")
-        for key in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True):
+        seen: Counter[Key] = Counter()
+        for pid, seed, status, uri, sha, size in zip(*(table[c].to_pylist() for c in columns[:-1]), strict=True):
+            key, n = (pid, seed), seen[pid, seed]
+            seen[key] += 1
             recorded.setdefault(key, set()).add(path)
-        ok = table.filter(pc.equal(table["status"], "ok"))
-        named = (ok[c].to_pylist() for c in ("prompt_id", "seed", "image_uri", "image_sha256", "image_bytes"))
-        for pid, seed, uri, sha, size in zip(*named, strict=True):
-            info = images.get(posixpath.basename(uri))
-            if info is None:
-                continue
-            if size is not None and info.size != int(size):
-                damaged.append(info.path)
-            else:
-                done[pid, seed] = info.path, sha
+            if status == "ok":
+                name = posixpath.basename(uri)
+                whole = name in images and (size is None or images[name].size == int(size))
+                ok_rows.setdefault(key, []).append((path, n, whole, sha, name))
+    done: dict[Key, tuple[str, str]] = {}  # -> the image's path and the kept row's sha256
+    damaged: list[str] = []
+    for key, rows in ok_rows.items():
+        kept = next((row for row in rows if row[2]), None)
+        if kept is not None:
+            done[key] = images[kept[4]].path, kept[3]
+        elif rows[0][4] in images:
+            damaged.append(images[rows[0][4]].path)
     if verify:
         damaged += [done.pop(key)[0] for key in _sha256_mismatches(filesystem, done)]
     if damaged:
         shown = ", ".join(sorted(damaged)[:5]) + (", ..." if len(damaged) > 5 else "")
         log.warning("%d image(s) differ from their metadata (size%s), generating them again: %s", len(damaged),
                     " or sha256" if verify else "", shown)
-    return set(done), recorded
+    duplicates: dict[str, set[tuple[Key, int]]] = {}
+    for key in done:
+        kept = next(row for row in ok_rows[key] if row[2])
+        for path, n, *_ in (row for row in ok_rows[key] if row is not kept):
+            duplicates.setdefault(path, set()).add((key, n))
+    return Recorded(set(done), recorded, duplicates)
 
 
 def _sha256_mismatches(filesystem: fs.FileSystem, images: dict[Key, tuple[str, str]], threads: int = 16) -> list[Key]:
@@ -250,6 +269,21 @@ def unrecord_images(output: str, unrecord: dict[str, set[Key]], endpoint_url: st
     """Take the rows of the given (prompt_id, seed) (file -> keys) out of the metadata; see _take_out."""
     return _take_out(output, unrecord, endpoint_url, lambda table: list(
         zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True)))
+
+
+def unrecord_duplicates(output: str, duplicates: dict[str, set[tuple[Key, int]]],
+                        endpoint_url: str | None = None) -> int:
+    """Take surplus ok rows out of the metadata (file -> (key, n): the n-th row of the key in that file, as
+    completed_keys counted them); see _take_out."""
+    def occurrences(table: pa.Table) -> list[tuple[Key, int]]:
+        seen: Counter[Key] = Counter()
+        out = []
+        for key in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True):
+            out.append((key, seen[key]))
+            seen[key] += 1
+        return out
+
+    return _take_out(output, duplicates, endpoint_url, occurrences)
 
 
 def _take_out(output: str, unrecord: dict[str, set], endpoint_url: str | None,
