@@ -26,6 +26,9 @@ class RayConfig(StrictModel):
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="also the actor's torch thread count")
     max_restarts: int = Field(-1, ge=-1, description="restarts of a dead actor process (-1: no limit)")
     max_task_retries: int = Field(3, ge=0, description="retries of a batch whose actor died running it")
+    pipeline_restarts: int = Field(
+        10, ge=0, description="times the job starts its pipeline again, with backoff, after losing actors faster "
+        "than Ray restarts them (each start resumes: nothing done is lost or generated twice)")
 
     @field_validator("num_actors")
     @classmethod

@@ -154,7 +154,40 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
     run_id = uuid.uuid4().hex[:12]
     check_output(output, cfg.storage.endpoint_url)
     with output_lease(output, cfg.storage.endpoint_url, run_id, cfg.output.lease_ttl_s):
-        return run_leased(cfg, prompts, output, limit, verify, run_id, controller)
+        started_at = datetime.now(UTC)
+        first: Plan | None = None
+        restarts = cfg.ray.pipeline_restarts
+        for attempt in range(restarts + 1):
+            job = plan(cfg, prompts, output, limit, verify and attempt == 0)
+            if first is None:
+                first, started = job, time.perf_counter()  # images per second: from the first plan on
+            try:
+                return run_plan(cfg, prompts, output, job, first, run_id, attempt, controller, started_at, started)
+            except Exception as exc:
+                if attempt == restarts or not lost_actors(exc):
+                    raise
+                delay = min(30.0, 2.0**attempt)
+                print(f"generation actors were lost ({root_cause(exc)}); the pipeline starts again in {delay:.0f} s "
+                      f"(restart {attempt + 1} of ray.pipeline_restarts={restarts}): what is done is kept, and "
+                      "nothing is generated twice", file=sys.stderr, flush=True)
+                time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def lost_actors(exc: BaseException) -> bool:
+    """Whether the pipeline stopped because generation actors died while running (a kill, a lost node, a storm
+    of them faster than Ray restarts them), not because one cannot start: then starting again helps."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ray.exceptions.RayActorError) and not error.actor_init_failed:
+            return True
+        stack += [error.__cause__, error.__context__, getattr(error, "cause", None)]
+    return False
 
 
 @contextlib.contextmanager
@@ -175,12 +208,12 @@ def output_lease(output: str, endpoint: str | None, run_id: str, ttl_s: float) -
         lease.__exit__()
 
 
-def run_leased(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: bool, run_id: str,
-               controller: Any) -> Summary:
-    """`run` once the output's lease is held: plan, generate, record."""
-    endpoint, started_at = cfg.storage.endpoint_url, datetime.now(UTC)
+def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, run_id: str, attempt: int,
+             controller: Any, started_at: datetime, started: float) -> Summary:
+    """One attempt of `run`, the output's lease held: take out what the plan says, generate, record. `first` is
+    the first attempt's plan, whose counts (skipped, repaired) the summary gives; every attempt's rows count."""
+    endpoint = cfg.storage.endpoint_url
     filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
-    job = plan(cfg, prompts, output, limit, verify)
     try:  # fails early, naming the output, when it is not writable
         write_run_json(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat()}, endpoint)
     except OSError as exc:
@@ -188,13 +221,13 @@ def run_leased(cfg: JobConfig, prompts: str, output: str, limit: int | None, ver
                           "access)") from None
     if job.unrecord:
         (unrecord_shards if cfg.output.format == "webdataset" else unrecord_images)(output, job.unrecord, endpoint)
-    deduplicated = unrecord_duplicates(output, job.duplicates, endpoint) if job.duplicates else 0
-    started = time.perf_counter()
+    if job.duplicates:
+        unrecord_duplicates(output, job.duplicates, endpoint)
     try:
         if job.todo.num_rows:
             generate_dataset(cfg, job.todo, output).write_parquet(
                 metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
-                filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                filename_provider=FilenameProvider(dataset_uuid=f"{run_id}-{attempt}", file_format="parquet"),
                 ray_remote_args={"num_cpus": IO_CPUS})
     except BaseException as exc:  # run.json says how the run ended, not "running" for good
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
@@ -210,8 +243,9 @@ def run_leased(cfg: JobConfig, prompts: str, output: str, limit: int | None, ver
     selector = pa.fs.FileSelector(metadata_path, allow_not_found=True)
     files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
     table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
-    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=job.skipped,
-                      skipped_errors=job.skipped_errors, deduplicated=deduplicated,
+    deduplicated = sum(len(rows) for rows in first.duplicates.values())
+    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=first.skipped,
+                      skipped_errors=first.skipped_errors, deduplicated=deduplicated,
                       restartable_pool=job.todo.num_rows > 0 and cfg.ray.max_restarts != 0)
     if controller is not None:
         summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
