@@ -13,15 +13,10 @@ for _name, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_PROFILE", None)
 
-import contextlib  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks.cluster import local_cluster  # noqa: E402
 
 # Bit-exact comparisons in this process (dense vs sparse, batch vs one by one) assume one intra-op thread,
 # as in the generation actors (ray.num_cpus_per_actor=1).
@@ -44,53 +39,19 @@ def fast_overrides() -> tuple[str, ...]:
     return FAST_OVERRIDES
 
 
-@dataclass(frozen=True)
-class Cluster:
-    address: str  # GCS address, for ray.init and RAY_ADDRESS
-    dashboard: str  # job submission address, for `ray job submit`
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A two-CPU head node on 127.0.0.1, started with `ray start` as on a real cluster, shared by every test
-    that asks for it (start-up costs seconds); the test process joins it as a driver."""
+    """A two-CPU head node on 127.0.0.1, started with `ray start` as on a real cluster (benchmarks.cluster), shared
+    by every test that asks for it (start-up costs seconds); the test process joins it as a driver."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # never the developer's own cluster
-    # Every port is picked free, so the agents never collide with another cluster on the same machine (a job
-    # agent that fails to bind leaves `ray job submit` with "No available agent").
-    port, dashboard_port = _free_port(), _free_port()
-    temp_dir = f"/tmp/ray-test-{port}"  # marks this cluster's processes, so teardown stops only them
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={_free_port()}",
-                    f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                    f"--metrics-export-port={_free_port()}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    "--disable-usage-stats"], check=True, capture_output=True)
-    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
-    try:
-        ray.init(address=cluster.address)
-        yield cluster
-    finally:
-        ray.shutdown()
-        _stop_processes_of(temp_dir)
-
-
-def _stop_processes_of(temp_dir: str) -> None:
-    """Stop the processes of one local cluster (`ray stop` would stop every cluster on the machine)."""
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    pids = [int(line.split(None, 1)[0]) for line in listing.splitlines() if temp_dir in line]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        time.sleep(1)
+    with local_cluster(num_cpus=2) as cluster:
+        try:
+            ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

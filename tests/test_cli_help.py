@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["workflows.generate", "workflows.quality", "workflows.bench", "workflows.calibrate", "workflows.inspect",
-           "workflows.train_demo", "benchmarks.adaptive", "benchmarks.adaptive_cost"]
+           "workflows.train_demo", "benchmarks.adaptive", "benchmarks.adaptive_cost", "benchmarks.chaos"]
 
 
 @pytest.mark.parametrize("name", MODULES)
