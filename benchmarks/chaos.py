@@ -1,13 +1,13 @@
 """Fault injection against the batch job: actor kills, a driver kill, an S3 endpoint down; counts lost, duplicated
 and wrong-byte images, all of which must be 0.
 
-    python -m benchmarks.chaos --prompts 100 --out chaos-out --doc docs/reliability.md
+    python -m benchmarks.chaos --out chaos-out --doc docs/reliability.md
 
 Runs on a local cluster started here (benchmarks.cluster, 2 CPUs) with the tiny random model, each job a
 `python -m workflows.generate` process as a user starts it. First a calm run makes the reference images; then
 each fault runs on an output of its own, and the same command is run again after it, as a user would, until it
 exits 0 (at most --reruns times). Faults:
-- actor kills: one generation actor SIGKILLed every --kill-every seconds for the whole job;
+- actor kills: a storm of --kills SIGKILLs of generation actors, one every --kill-every seconds;
 - driver kill: the job's process group SIGKILLed once a third of the images exist, then (its lease expired) rerun;
 - S3 down: output on an S3 endpoint (moto's server on 127.0.0.1) that stops answering for --s3-down seconds
   once a quarter of the images exist, then comes back with its data.
@@ -50,6 +50,7 @@ class Outcome:
     duplicated: int
     wrong: int
     first_exit: int
+    restarts: int  # pipeline restarts of the faulted run (ray.pipeline_restarts)
     reruns: int
     seconds: float
 
@@ -99,15 +100,16 @@ def actor_pids() -> list[int]:
     return [int(line.split()[0]) for line in listing.splitlines() if "MapBatches(Generator)" in line]
 
 
-def judge(fault: str, reference: dict[str, str], output: str, endpoint: str | None, first_exit: int, reruns: int,
-          seconds: float) -> Outcome:
+def judge(fault: str, reference: dict[str, str], output: str, endpoint: str | None, faulted: subprocess.Popen,
+          log: str, reruns: int, seconds: float) -> Outcome:
     rows, files = ok_rows(output, endpoint), images_in(output, endpoint)
     names = [f"{row['prompt_id']}-s{row['seed']}.png" for row in rows]
     recorded = dict(zip(names, (row["image_sha256"] for row in rows), strict=True))
     lost = sum(1 for name in reference if name not in recorded or name not in files)
     wrong = sum(1 for name, sha in reference.items() if name in files and (files[name] != sha or
                                                                            recorded.get(name, sha) != sha))
-    return Outcome(fault, len(reference), lost, len(names) - len(set(names)), wrong, first_exit, reruns, seconds)
+    return Outcome(fault, len(reference), lost, len(names) - len(set(names)), wrong, faulted.returncode,
+                   log.count("the pipeline starts again"), reruns, seconds)
 
 
 def finish(prompts: Path, output: str, address: str, extra: list[str], reruns: int) -> int:
@@ -126,13 +128,16 @@ def actor_kills(prompts: Path, out: Path, address: str, args: argparse.Namespace
                 ) -> Outcome:
     started, output = time.monotonic(), str(out / "actor-kills")
     proc = job(prompts, output, address)
-    while proc.poll() is None:
-        time.sleep(args.kill_every)
+    wait_for(lambda: count_images(output, None) >= 2, proc)
+    for _ in range(args.kills):
+        if proc.poll() is not None:
+            break
         for pid in actor_pids()[:1]:
             os.kill(pid, signal.SIGKILL)
-    proc.communicate()
+        time.sleep(args.kill_every)
+    log, _ = proc.communicate()
     reruns = 0 if proc.returncode == 0 else finish(prompts, output, address, [], args.reruns)
-    return judge("actor kills", reference, output, None, proc.returncode, reruns, time.monotonic() - started)
+    return judge("actor kills", reference, output, None, proc, log, reruns, time.monotonic() - started)
 
 
 def driver_kill(prompts: Path, out: Path, address: str, args: argparse.Namespace, reference: dict[str, str]
@@ -141,10 +146,10 @@ def driver_kill(prompts: Path, out: Path, address: str, args: argparse.Namespace
     proc = job(prompts, output, address)
     wait_for(lambda: count_images(output, None) >= args.prompts // 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    log, _ = proc.communicate()
     time.sleep(LEASE_TTL_S)  # the dead driver's lease on the output expires
     reruns = finish(prompts, output, address, [], args.reruns)
-    return judge("driver kill", reference, output, None, proc.returncode, reruns, time.monotonic() - started)
+    return judge("driver kill", reference, output, None, proc, log, reruns, time.monotonic() - started)
 
 
 def s3_down(prompts: Path, out: Path, address: str, args: argparse.Namespace, reference: dict[str, str]
@@ -165,9 +170,9 @@ def s3_down(prompts: Path, out: Path, address: str, args: argparse.Namespace, re
         time.sleep(args.s3_down)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
-        proc.communicate()
+        log, _ = proc.communicate()
         reruns = 0 if proc.returncode == 0 else finish(prompts, output, address, extra, args.reruns)
-        return judge("S3 down", reference, output, endpoint, proc.returncode, reruns, time.monotonic() - started)
+        return judge("S3 down", reference, output, endpoint, proc, log, reruns, time.monotonic() - started)
     finally:
         server.stop()
 
@@ -178,22 +183,34 @@ FAULTS = {"actor kills": actor_kills, "driver kill": driver_kill, "S3 down": s3_
 def markdown(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> str:
     lines = ["# Reliability: the job under faults", "",
              f"Made by `{command}` (benchmarks/chaos.py says how). {args.prompts} prompts, tiny random model, 2 "
-             f"actors of batch 2 on a 2-CPU local cluster; actor kills every {args.kill_every:g} s, S3 down for "
+             f"actors of batch 2 on a 2-CPU local cluster; {args.kills} actor kills {args.kill_every:g} s apart, "
+             "S3 down for "
              f"{args.s3_down:g} s. Lost, duplicated and wrong images must all be 0.", "",
-             "| fault | images | lost | duplicated | wrong bytes | exit of the faulted run | reruns to exit 0 "
-             "| seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "- actor kills: generation actors SIGKILLed one after another, faster than Ray restarts them (Ray "
+             "Data then stops; the job starts its pipeline again, `ray.pipeline_restarts`);",
+             "- driver kill: the job's process group SIGKILLed once a third of the images exist; the same command "
+             "is run again once the dead job's lease on the output has expired;",
+             "- S3 down: the output's S3 endpoint (moto's server) stops answering once a quarter of the images exist, "
+             "then comes back with its data; images whose writes failed are error rows, generated by the rerun.",
+             "",
+             "An image is lost when the output holds no ok row or no file for it after the reruns, duplicated when "
+             "it has more than one ok row, wrong when its bytes differ from a calm run's or from its row's sha256.",
+             "",
+             "| fault | images | lost | duplicated | wrong bytes | exit of the faulted run | its pipeline restarts "
+             "| reruns to exit 0 | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         lines.append(f"| {o.fault} | {o.expected} | {o.lost} | {o.duplicated} | {o.wrong} | {o.first_exit} | "
-                     f"{o.reruns} | {o.seconds:.0f} |")
+                     f"{o.restarts} | {o.reruns} | {o.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=100, help="prompts in the generated prompt file")
+    parser.add_argument("--prompts", type=int, default=200, help="prompts in the generated prompt file")
     parser.add_argument("--out", type=Path, default=Path("chaos-out"), help="folder for the outputs and prompts")
-    parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between actor kills")
+    parser.add_argument("--kills", type=int, default=8, help="actor kills in the storm")
+    parser.add_argument("--kill-every", type=float, default=2.0, help="seconds between actor kills")
     parser.add_argument("--s3-down", type=float, default=15.0, help="seconds the S3 endpoint does not answer")
     parser.add_argument("--reruns", type=int, default=3, help="reruns allowed after a fault to reach exit 0")
     parser.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
@@ -207,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # a throwaway cluster on 127.0.0.1: a ~/.ray/auth_token left by an earlier ray.init() would make `ray start`
     # demand tokens from every job
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cluster started here is stopped
     os.environ.pop("AWS_ENDPOINT_URL", None)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     outcomes = []

@@ -181,8 +181,13 @@ class OutputLease:
                       self.output)
 
     def release(self) -> None:
-        if not self.lost and self.tag is not None:
+        """Give the lease back; a store that refuses (no delete permission, down) leaves it to expire."""
+        if self.lost or self.tag is None:
+            return
+        try:
             self.store.delete(self.tag)
+        except Exception:  # noqa: BLE001 - the job's work is done; its lease then expires by itself
+            log.warning("could not give back the lease of %s; it expires by itself", self.output, exc_info=True)
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.ttl.total_seconds() / 3) and not self.lost:

@@ -4,7 +4,11 @@ Parquet written to it, a re-run that resumes from it, and buckets the job may no
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import time
 import uuid
 
 import boto3
@@ -140,3 +144,29 @@ def test_buckets_that_are_missing_or_forbidden_are_named_before_any_work(ray_clu
         assert "check the URI, the endpoint and your access" in err or "try configs/prompts/sample.jsonl" in err, err
     session = boto3.session.Session()  # not the default session: that one holds the earlier credentials
     assert not objects(session.client("s3", endpoint_url=s3_endpoint), "out/x")  # nothing started
+
+
+def test_a_second_job_on_a_busy_s3_output_is_refused(ray_cluster, fast_overrides, s3_endpoint, bucket, tmp_path,
+                                                     capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"b{i}", "prompt": f"shape {i}", "seed": i}) + "\n"
+                               for i in range(24)))
+    sets = [a for o in [*fast_overrides, "ray.batch_size=1", f"storage.endpoint_url={s3_endpoint}"]
+            for a in ("--set", o)]
+    argv = ["--config", "configs/tiny-random.yaml", "--prompts", str(prompts), "--output", "s3://bucket/busy", *sets]
+    first = subprocess.Popen([sys.executable, "-m", "workflows.generate", *argv],
+                             env={**os.environ, "RAY_ADDRESS": ray_cluster.address}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not objects(bucket, "busy/_lease.json"):
+        assert time.monotonic() < deadline and first.poll() is None, "the first job took no lease"
+        time.sleep(0.2)
+    holder = json.loads(objects(bucket, "busy/_lease.json")["busy/_lease.json"])
+    assert main(argv) == EXIT_BAD_INPUT
+    refusal = capsys.readouterr().err
+    assert f"is being written by another job (run {holder['run_id']} on host {holder['host']}" in refusal
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    filesystem, path = resolve("s3://bucket/busy/metadata", s3_endpoint)
+    keys = [(r["prompt_id"], r["seed"]) for r in pq.read_table(path, filesystem=filesystem).to_pylist()]
+    assert len(keys) == len(set(keys)) == 24  # one row per image
+    assert not objects(bucket, "busy/_lease.json")  # given back
