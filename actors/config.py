@@ -28,7 +28,7 @@ class RayConfig(StrictModel):
     max_task_retries: int = Field(3, ge=0, description="retries of a batch whose actor died running it")
     pipeline_restarts: int = Field(
         10, ge=0, description="times the job starts its pipeline again, with backoff, after losing actors faster "
-        "than Ray restarts them (each start resumes: nothing done is lost or generated twice)")
+        "than Ray restarts them (each start resumes: nothing recorded is lost or recorded twice)")
 
     @field_validator("num_actors")
     @classmethod

@@ -12,14 +12,17 @@ import torch
 from torch import nn
 
 
-def group_norm_wide(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                    dtype: torch.dtype) -> torch.Tensor:
+def group_norm_wide(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float, dtype: torch.dtype) -> torch.Tensor:
     """F.group_norm computed in float32 through `torch.var_mean`, returned in `dtype`."""
     N, C = x.shape[:2]
     x_NGm = x.float().reshape(N, groups, -1)
     var_NG1, mean_NG1 = torch.var_mean(x_NGm, dim=-1, keepdim=True, correction=0)
     y_NCm = ((x_NGm - mean_NG1) * torch.rsqrt(var_NG1 + eps)).reshape(N, C, -1)
-    y_NCm = torch.addcmul(bias.float()[:, None], y_NCm, weight.float()[:, None])
+    if weight is not None:
+        y_NCm = y_NCm * weight.float()[:, None]
+    if bias is not None:
+        y_NCm = y_NCm + bias.float()[:, None]
     return y_NCm.reshape(x.shape).to(dtype)
 
 

@@ -18,11 +18,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from pyarrow import fs
 
 from storage.s3 import new_client, split_uri
@@ -58,6 +59,22 @@ class LeaseHeld(Exception):
         self.holder = holder
 
 
+class LeaseLost(RuntimeError):
+    """This job's lease expired or was taken over while it ran."""
+
+
+def _holder(body: dict | None, output: str) -> Holder | None:
+    """The holder a lease body names; None for no lease, and for one that cannot be read (a write cut off by a
+    crash), which counts as expired."""
+    if body is None:
+        return None
+    try:
+        return Holder(**body)
+    except TypeError:
+        log.warning("the lease of %s is unreadable (%r); taking it as expired", output, body)
+        return None
+
+
 class _Conflict(Exception):
     """The lease changed between reading it and writing it."""
 
@@ -75,7 +92,7 @@ class _LocalStore:
                 data = file.read()
         except FileNotFoundError:
             return None, None
-        return json.loads(data), data
+        return _parse(data), data
 
     def swap(self, expected: bytes | None, body: dict) -> bytes:
         os.makedirs(self.folder, exist_ok=True)
@@ -87,6 +104,8 @@ class _LocalStore:
             temp = f"{self.path}.{uuid.uuid4().hex}.tmp"
             with open(temp, "wb") as file:
                 file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temp, self.path)
             return data
 
@@ -95,6 +114,15 @@ class _LocalStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.read()[1] == expected:
                 os.unlink(self.path)
+
+
+def _parse(data: bytes) -> dict:
+    """A lease body; {} (unreadable, so expired) for bytes that are not a JSON object."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _os_error(exc: ClientError) -> OSError:
@@ -113,17 +141,21 @@ class _S3Store:
     def read(self) -> tuple[dict | None, str | None]:
         try:
             found = self.s3.get_object(Bucket=self.bucket, Key=self.key)
+        except BotoCoreError as exc:  # no connection, no credentials: as pyarrow would say it
+            raise OSError(f"S3 {type(exc).__name__}: {exc}") from None
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None, None
             raise _os_error(exc) from None
-        return json.loads(found["Body"].read()), found["ETag"]
+        return _parse(found["Body"].read()), found["ETag"]
 
     def swap(self, expected: str | None, body: dict) -> str:
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
         try:
             put = self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(body).encode(),
                                      ContentType="application/json", **condition)
+        except BotoCoreError as exc:
+            raise OSError(f"S3 {type(exc).__name__}: {exc}") from None
         except ClientError as exc:
             conflicts = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey", "404")
             if exc.response["Error"]["Code"] in conflicts:  # changed, or gone, since it was read
@@ -147,7 +179,7 @@ class OutputLease:
         self.store = _LocalStore(root) if local else _S3Store(join(output, LEASE_NAME), endpoint_url)
         self.started = datetime.now(UTC)
         self.run_id, self.tag = run_id, None
-        self.lost = False
+        self.lost, self.renewed = False, 0.0  # renewed: monotonic time of the last write that held the lease
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -156,29 +188,59 @@ class OutputLease:
         return asdict(Holder(self.run_id, socket.gethostname(), os.getpid(), self.started.isoformat(),
                              expires.isoformat()))
 
-    def acquire(self) -> None:
-        """Take the lease: free, expired, or already this run's. A job that takes it at the same moment wins once."""
-        body, tag = self.store.read()
-        if body is not None and body["run_id"] != self.run_id:
-            holder = Holder(**body)
-            if not holder.expired(datetime.now(UTC)):
+    def acquire(self, attempts: int = 3) -> None:
+        """Take the lease: free, expired, unreadable, or already this run's. Of jobs that take it at the same moment
+        one wins; the others are refused."""
+        for _ in range(attempts):
+            body, tag = self.store.read()
+            holder = _holder(body, self.output)
+            if holder is not None and holder.run_id != self.run_id:
+                if not holder.expired(datetime.now(UTC)):
+                    raise LeaseHeld(self.output, holder)
+                log.warning("taking over the lease of %s from run %s (host %s, pid %s), which expired at %s",
+                            self.output, holder.run_id, holder.host, holder.pid, holder.expires)
+            try:
+                self.tag = self.store.swap(tag, self._body())
+            except _Conflict:  # another job swapped first, or a retried write of ours answered 412: read again
+                if self._still_ours():
+                    break
+                continue
+            break
+        else:
+            holder = _holder(self.store.read()[0], self.output)
+            if holder is not None:
                 raise LeaseHeld(self.output, holder)
-            log.warning("taking over the lease of %s from run %s (host %s, pid %s), which expired at %s",
-                        self.output, holder.run_id, holder.host, holder.pid, holder.expires)
-        try:
-            self.tag = self.store.swap(tag, self._body())
-        except _Conflict:
-            body, _ = self.store.read()
-            raise LeaseHeld(self.output, Holder(**body)) from None
+            raise OSError(f"the lease of {self.output} keeps changing under this job; try again")
+        self.renewed = time.monotonic()
+
+    def _still_ours(self) -> bool:
+        """After a conflict: whether the lease is this run's all the same (a write that landed though its answer was
+        lost, then retried); then its tag is taken."""
+        body, tag = self.store.read()
+        holder = _holder(body, self.output)
+        if holder is not None and holder.run_id == self.run_id:
+            self.tag = tag
+            return True
+        return False
 
     def renew(self) -> None:
         """Push the expiry on; a lease taken over meanwhile (this job stalled past its time to live) is lost."""
         try:
             self.tag = self.store.swap(self.tag, self._body())
         except _Conflict:
-            self.lost = True
-            log.error("the lease of %s was taken over by another job while this one ran: both may now write it",
-                      self.output)
+            if not self._still_ours():
+                self.lost = True
+                log.error("the lease of %s was taken over by another job while this one ran", self.output)
+                return
+        self.renewed = time.monotonic()
+
+    def check(self) -> None:
+        """Raise LeaseLost unless the lease is surely this run's: renewed within its time to live and not taken
+        over. The job calls it before each write to the output's metadata."""
+        if self.lost or time.monotonic() - self.renewed > self.ttl.total_seconds():
+            raise LeaseLost(f"this job lost its lease on {self.output} (not renewed within output.lease_ttl_s, so "
+                            "another job may have taken it over); it stops before writing more. What was written "
+                            "is kept: run the same command again once no other job writes the output")
 
     def release(self) -> None:
         """Give the lease back; a store that refuses (no delete permission, down) leaves it to expire."""

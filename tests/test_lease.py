@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from storage.lease import LEASE_NAME, LeaseHeld, OutputLease
+from storage.lease import LEASE_NAME, LeaseHeld, LeaseLost, OutputLease
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -39,15 +39,15 @@ def test_a_second_job_is_refused_naming_the_holder_until_the_first_gives_the_lea
 
 def test_a_dead_jobs_lease_expires_and_is_taken_over_while_a_live_one_is_renewed(output):
     uri, endpoint = output
-    dead = OutputLease(uri, endpoint, "dead", 0.5)
+    dead = OutputLease(uri, endpoint, "dead", 1.0)
     dead.acquire()  # never renewed nor given back, as after kill -9
     with pytest.raises(LeaseHeld):
-        OutputLease(uri, endpoint, "early", 0.5).acquire()
-    time.sleep(0.6)
-    with OutputLease(uri, endpoint, "live", 0.6):
-        time.sleep(1.5)  # past its time to live: only the renewals keep it
+        OutputLease(uri, endpoint, "early", 1.0).acquire()
+    time.sleep(1.1)
+    with OutputLease(uri, endpoint, "live", 3.0):  # renewed every second: slack for a loaded machine
+        time.sleep(4.0)  # past its time to live: only the renewals keep it
         with pytest.raises(LeaseHeld):
-            OutputLease(uri, endpoint, "late", 0.6).acquire()
+            OutputLease(uri, endpoint, "late", 3.0).acquire()
         assert read_lease(uri, endpoint)["run_id"] == "live"
     dead.renew()  # the dead job wakes up: its lease was taken over
     assert dead.lost
@@ -80,3 +80,33 @@ def test_the_lease_is_a_small_json_object_in_the_output(tmp_path):
     with OutputLease(str(tmp_path), None, "run1", 30.0):
         body = json.loads((tmp_path / LEASE_NAME).read_text())
     assert set(body) == {"run_id", "host", "pid", "started", "expires"}
+
+
+def test_a_conflict_on_a_lease_that_is_still_ours_is_no_loss(output):
+    """A write that landed though its answer was lost is retried and answered 412: the lease is still this run's."""
+    uri, endpoint = output
+    lease = OutputLease(uri, endpoint, "mine", 30.0)
+    lease.acquire()
+    lease.tag = b"stale" if endpoint is None else '"stale-etag"'  # what we held before the lost answer
+    lease.renew()
+    assert not lease.lost
+    lease.check()  # nothing to raise
+    assert read_lease(uri, endpoint)["run_id"] == "mine"
+
+
+def test_a_lease_taken_over_stops_the_job_before_its_next_write(output):
+    uri, endpoint = output
+    stalled = OutputLease(uri, endpoint, "stalled", 0.3)
+    stalled.acquire()
+    time.sleep(0.4)  # not renewed within its time to live
+    with pytest.raises(LeaseLost, match="lost its lease"):
+        stalled.check()
+    OutputLease(uri, endpoint, "other", 30.0).acquire()
+    stalled.renew()
+    assert stalled.lost
+
+
+def test_an_unreadable_lease_counts_as_expired(tmp_path):
+    (tmp_path / LEASE_NAME).write_text('{"run_id": "cut-off-wri')  # a write cut off by a crash
+    with OutputLease(str(tmp_path), None, "next", 30.0):
+        assert json.loads((tmp_path / LEASE_NAME).read_text())["run_id"] == "next"

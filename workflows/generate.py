@@ -153,7 +153,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
         raise ConfigError(f"adaptive.calibration: {exc}") from None
     run_id = uuid.uuid4().hex[:12]
     check_output(output, cfg.storage.endpoint_url)
-    with output_lease(output, cfg.storage.endpoint_url, run_id, cfg.output.lease_ttl_s):
+    with output_lease(output, cfg.storage.endpoint_url, run_id, cfg.output.lease_ttl_s) as lease:
         started_at = datetime.now(UTC)
         first: Plan | None = None
         restarts = cfg.ray.pipeline_restarts
@@ -162,14 +162,15 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
             if first is None:
                 first, started = job, time.perf_counter()  # images per second: from the first plan on
             try:
-                return run_plan(cfg, prompts, output, job, first, run_id, attempt, controller, started_at, started)
+                return run_plan(cfg, prompts, output, job, first, lease, attempt, controller, started_at, started)
             except Exception as exc:
                 if attempt == restarts or not lost_actors(exc):
                     raise
                 delay = min(30.0, 2.0**attempt)
                 print(f"generation actors were lost ({root_cause(exc)}); the pipeline starts again in {delay:.0f} s "
-                      f"(restart {attempt + 1} of ray.pipeline_restarts={restarts}): what is done is kept, and "
-                      "nothing is generated twice", file=sys.stderr, flush=True)
+                      f"(restart {attempt + 1} of ray.pipeline_restarts={restarts}): what is recorded is kept and "
+                      "not recorded again (batches that were in flight are generated again)", file=sys.stderr,
+                      flush=True)
                 time.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -208,11 +209,13 @@ def output_lease(output: str, endpoint: str | None, run_id: str, ttl_s: float) -
         lease.__exit__()
 
 
-def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, run_id: str, attempt: int,
+def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, lease: OutputLease, attempt: int,
              controller: Any, started_at: datetime, started: float) -> Summary:
-    """One attempt of `run`, the output's lease held: take out what the plan says, generate, record. `first` is
-    the first attempt's plan, whose counts (skipped, repaired) the summary gives; every attempt's rows count."""
-    endpoint = cfg.storage.endpoint_url
+    """One attempt of `run`, the output's lease held (checked before each write to the metadata): take out what
+    the plan says, generate, record. `first` is the first attempt's plan, whose counts (skipped, repaired) the
+    summary gives; every attempt's rows count."""
+    endpoint, run_id = cfg.storage.endpoint_url, lease.run_id
+    lease.check()
     filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
     try:  # fails early, naming the output, when it is not writable
         write_run_json(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat()}, endpoint)
@@ -236,6 +239,11 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
                                     "finished": datetime.now(UTC).isoformat(), "error": root_cause(exc)}, endpoint)
         raise
     seconds = time.perf_counter() - started
+    lease.check()
+    deduplicated = sum(len(rows) for rows in first.duplicates.values())
+    if attempt and cfg.output.format == "files":  # a failed attempt's last rows may land after the next plan
+        late = completed_keys(output, endpoint).duplicates
+        deduplicated += unrecord_duplicates(output, late, endpoint) if late else 0
     if cfg.output.format == "files":
         write_imagefolder_index(output, endpoint)
     else:
@@ -243,10 +251,9 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
     selector = pa.fs.FileSelector(metadata_path, allow_not_found=True)
     files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
     table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
-    deduplicated = sum(len(rows) for rows in first.duplicates.values())
     summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=first.skipped,
                       skipped_errors=first.skipped_errors, deduplicated=deduplicated,
-                      restartable_pool=job.todo.num_rows > 0 and cfg.ray.max_restarts != 0)
+                      restartable_pool=first.todo.num_rows > 0 and cfg.ray.max_restarts != 0)
     if controller is not None:
         summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
     write_run_json(output, run_record(cfg, prompts, output, run_id, started_at, summary), endpoint)

@@ -113,9 +113,12 @@ def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | No
         with _in_file_order():
             tables = ray.get(read_prompts(uri, limit, endpoint_url=endpoint_url).to_arrow_refs())
     except UnicodeDecodeError:  # Ray's text reader decodes whole blocks, strictly, and tells no position
-        offset, line = first_non_utf8(*check_prompts(uri, endpoint_url))
-        raise ConfigError(f"prompts file {uri} is not UTF-8 text: byte {offset} (line {line}) starts no UTF-8 "
-                          "character; save the file as UTF-8") from None
+        filesystem, path = check_prompts(uri, endpoint_url)
+        offset, line = first_non_utf8(filesystem, path)
+        found = offset < filesystem.get_file_info(path).size
+        where = (f"byte {offset} (line {line}) starts no UTF-8 character" if found
+                 else "its text, as read (a compressed file is decompressed by its extension), is not UTF-8")
+        raise ConfigError(f"prompts file {uri} is not UTF-8 text: {where}; save the file as UTF-8") from None
     tables = [t for t in tables if t.num_rows]
     if not tables:
         raise ConfigError(f"prompts file {uri} holds no prompts: add one prompt per line (or row)")

@@ -458,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             meta[f"{name}_graph_error"] = f"batch {batch}: {exc}"
             log(f"{name} B={batch} with CUDA graphs failed: {exc}")
+            save()
         finally:
             if graphs:
                 backend.use_cuda_graphs(False)  # frees the workspace before the next model or batch

@@ -8,7 +8,8 @@
 # rows (one batch and mode) starts after BUDGET_S - 150 s, and it is killed at BUDGET_S (what it saved stays).
 # Wheels from scripts/gpu/wheels.sh in .whl/ are installed first where pydantic is missing (the device machine).
 set -uo pipefail
-out=$(mkdir -p "${1:?usage: scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]}" && cd "$1" && pwd); shift
+if [ $# -lt 1 ] || [ -z "$1" ]; then echo "usage: scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]" >&2; exit 2; fi
+out=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2; shift
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
