@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from benchmarks.cluster import local_cluster
+from benchmarks.cluster import actor_pids, local_cluster
 from storage.uris import resolve
 
 LEASE_TTL_S = 10
@@ -93,11 +93,6 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         if proc.poll() is not None or time.monotonic() > deadline:
             return
         time.sleep(0.2)
-
-
-def actor_pids() -> list[int]:
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "MapBatches(Generator)" in line]
 
 
 def judge(fault: str, reference: dict[str, str], output: str, endpoint: str | None, faulted: subprocess.Popen,

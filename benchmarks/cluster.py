@@ -53,3 +53,9 @@ def stop_processes_of(marker: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         time.sleep(1)
+
+
+def actor_pids() -> list[int]:
+    """The generation actors' processes on this machine (by their title: Ray Data's map workers of Generator)."""
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "MapBatches(Generator)" in line]

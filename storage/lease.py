@@ -125,8 +125,11 @@ def _parse(data: bytes) -> dict:
     return body if isinstance(body, dict) else {}
 
 
-def _os_error(exc: ClientError) -> OSError:
-    """An S3 error as the OSError pyarrow would raise, naming the code (AccessDenied, NoSuchBucket, ...)."""
+def _os_error(exc: BotoCoreError | ClientError) -> OSError:
+    """An S3 error as the OSError pyarrow would raise, naming the code (AccessDenied, NoSuchBucket, ...), or the
+    client's own (no connection, no credentials)."""
+    if isinstance(exc, BotoCoreError):
+        return OSError(f"S3 {type(exc).__name__}: {exc}")
     error = exc.response.get("Error", {})
     return OSError(f"S3 {error.get('Code')}: {error.get('Message')}")
 
@@ -141,8 +144,8 @@ class _S3Store:
     def read(self) -> tuple[dict | None, str | None]:
         try:
             found = self.s3.get_object(Bucket=self.bucket, Key=self.key)
-        except BotoCoreError as exc:  # no connection, no credentials: as pyarrow would say it
-            raise OSError(f"S3 {type(exc).__name__}: {exc}") from None
+        except BotoCoreError as exc:
+            raise _os_error(exc) from None
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None, None
@@ -155,7 +158,7 @@ class _S3Store:
             put = self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(body).encode(),
                                      ContentType="application/json", **condition)
         except BotoCoreError as exc:
-            raise OSError(f"S3 {type(exc).__name__}: {exc}") from None
+            raise _os_error(exc) from None
         except ClientError as exc:
             conflicts = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey", "404")
             if exc.response["Error"]["Code"] in conflicts:  # changed, or gone, since it was read

@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.cluster import actor_pids
+
 PROMPTS = 24  # enough that a driver killed at its first metadata file leaves work (10 often finished first)
 
 
@@ -43,11 +45,6 @@ def wait_for_images(out: Path, count: int, job: subprocess.Popen, timeout: float
         assert job.poll() is None, job.stdout.read()
         assert time.monotonic() < deadline, "no images appeared"
         time.sleep(0.2)
-
-
-def actor_pids() -> list[int]:
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "MapBatches(Generator)" in line]
 
 
 def outputs(out: Path) -> dict[tuple[str, int], str]:

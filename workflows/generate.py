@@ -195,18 +195,15 @@ def lost_actors(exc: BaseException) -> bool:
 def output_lease(output: str, endpoint: str | None, run_id: str, ttl_s: float) -> Iterator[OutputLease]:
     """This run's lease on the output (storage.lease), taken before anything is read or written: a second job on
     the output, or one that cannot write there, is refused with ConfigError (exit 2)."""
-    lease = OutputLease(output, endpoint, run_id, ttl_s)
-    try:
-        lease.__enter__()
-    except LeaseHeld as exc:
-        raise ConfigError(str(exc)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
-                          "access)") from None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            lease = stack.enter_context(OutputLease(output, endpoint, run_id, ttl_s))
+        except LeaseHeld as exc:
+            raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
+                              "access)") from None
         yield lease
-    finally:
-        lease.__exit__()
 
 
 def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, lease: OutputLease, attempt: int,

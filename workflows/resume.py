@@ -137,10 +137,8 @@ def completed_keys(output: str, endpoint_url: str | None = None, verify: bool = 
     for path, table in sorted(recorded_tables(output, endpoint_url, columns)):
         if table["shard"].null_count < table.num_rows:
             raise _layout_error(output, "webdataset", "files")
-        seen: Counter[Key] = Counter()
-        for pid, seed, status, uri, sha, size in zip(*(table[c].to_pylist() for c in columns[:-1]), strict=True):
-            key, n = (pid, seed), seen[pid, seed]
-            seen[key] += 1
+        rows = zip(_occurrences(table), *(table[c].to_pylist() for c in columns[2:-1]), strict=True)
+        for (key, n), status, uri, sha, size in rows:
             recorded.setdefault(key, set()).add(path)
             if status == "ok":
                 name = posixpath.basename(uri)
@@ -275,15 +273,18 @@ def unrecord_duplicates(output: str, duplicates: dict[str, set[tuple[Key, int]]]
                         endpoint_url: str | None = None) -> int:
     """Take surplus ok rows out of the metadata (file -> (key, n): the n-th row of the key in that file, as
     completed_keys counted them); see _take_out."""
-    def occurrences(table: pa.Table) -> list[tuple[Key, int]]:
-        seen: Counter[Key] = Counter()
-        out = []
-        for key in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True):
-            out.append((key, seen[key]))
-            seen[key] += 1
-        return out
+    return _take_out(output, duplicates, endpoint_url, _occurrences)
 
-    return _take_out(output, duplicates, endpoint_url, occurrences)
+
+def _occurrences(table: pa.Table) -> list[tuple[Key, int]]:
+    """Each row's (key, n): it is the n-th row of its (prompt_id, seed) in the table, from 0. completed_keys and
+    unrecord_duplicates name rows this way, so both must count alike."""
+    seen: Counter[Key] = Counter()
+    out = []
+    for key in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), strict=True):
+        out.append((key, seen[key]))
+        seen[key] += 1
+    return out
 
 
 def _take_out(output: str, unrecord: dict[str, set], endpoint_url: str | None,
