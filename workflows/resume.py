@@ -134,7 +134,7 @@ def completed_keys(output: str, endpoint_url: str | None = None, verify: bool = 
     recorded: dict[Key, set[str]] = {}
     ok_rows: dict[Key, list[tuple[str, int, bool, str, str]]] = {}  # -> (file, n, image whole, sha256, name)
     columns = ["prompt_id", "seed", "status", "image_uri", "image_sha256", "image_bytes", "shard"]
-    for path, table in sorted(recorded_tables(output, endpoint_url, columns)):
+    for path, table in recorded_tables(output, endpoint_url, columns):  # one file in memory at a time
         if table["shard"].null_count < table.num_rows:
             raise _layout_error(output, "webdataset", "files")
         rows = zip(_occurrences(table), *(table[c].to_pylist() for c in columns[2:-1]), strict=True)
@@ -147,6 +147,7 @@ def completed_keys(output: str, endpoint_url: str | None = None, verify: bool = 
     done: dict[Key, tuple[str, str]] = {}  # -> the image's path and the kept row's sha256
     damaged: list[str] = []
     for key, rows in ok_rows.items():
+        rows.sort()  # by file, then row: the first is kept whatever order the store lists files in
         kept = next((row for row in rows if row[2]), None)
         if kept is not None:
             done[key] = images[kept[4]].path, kept[3]
