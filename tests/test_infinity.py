@@ -177,3 +177,20 @@ def test_gpu_bench_smoke_run(tmp_path):
     # fp32 here: the layouts and the phase-split upsampling convolutions differ from NCHW by rounding only
     assert all(d["max_abs_diff_255"] < 0.01 and d["ms"] > 0 and len(d["top_kernels"]) > 3 for d in decodes.values())
     assert [r["same_images_as_first_run"] for r in rows] == [None] * 3 + [True] * 3  # replays, checked in graph rows
+
+
+def test_t5_features_of_real_tokens_do_not_depend_on_padding():
+    """Padding the batch to its longest prompt (ours) gives the features the official 512-token padding gives."""
+    from sparsevar.backends.infinity.testing import offline_tokenizer, random_t5
+    from sparsevar.backends.infinity.text import T5Text
+
+    tokenizer, cpu = offline_tokenizer(), torch.device("cpu")
+    text = T5Text(tokenizer, random_t5(64, layers=2, vocab=len(tokenizer)), cpu, max_tokens=512)
+    prompts = ["a red fox", "a bowl of ramen on a wooden table, studio lighting"]
+    feats_BTC, mask_BT = text(prompts)
+    full = tokenizer(prompts, max_length=512, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        official_BTC = text.model(input_ids=full.input_ids, attention_mask=full.attention_mask).last_hidden_state
+    assert mask_BT.shape[1] == int(full.attention_mask.sum(1).max()) < 100
+    assert torch.equal(mask_BT, full.attention_mask[:, :mask_BT.shape[1]].bool())
+    torch.testing.assert_close(feats_BTC[mask_BT], official_BTC[:, :mask_BT.shape[1]][mask_BT], rtol=1e-5, atol=1e-5)

@@ -1,8 +1,11 @@
 """Infinity's text side: flan-t5-xl's encoder and tokenizer from a local folder, used as the official script does.
 
-Prompts are padded to `max_tokens` (512) and truncated; each prompt keeps its real tokens (the closing `</s>`
-included) and the mask hides the rest. T5 runs in float16 on a GPU, as the official script loads it, and in
-float32 on the CPU; its features are returned in float32.
+Prompts are truncated to `max_tokens` (512) as the official script does; each prompt keeps its real tokens (the
+closing `</s>` included) and the mask hides the rest. The official script pads every prompt to 512 tokens before the
+encoder and then keeps only the real ones; here the batch is padded to its longest prompt only. The encoder's
+attention masks padded keys out, so a real token's features are the same (to rounding) while a short prompt costs a
+few dozen tokens of work, not 512. T5 runs in float16 on a GPU, as the official script loads it, and in float32 on
+the CPU; its features are returned in float32.
 """
 
 from pathlib import Path
@@ -37,7 +40,7 @@ class T5Text:
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, T, C) float32 and the mask of real tokens (B, T), cut to the longest prompt's T."""
-        tokens = self.tokenizer(prompts, max_length=self.max_tokens, padding="max_length", truncation=True,
+        tokens = self.tokenizer(prompts, max_length=self.max_tokens, padding="longest", truncation=True,
                                 return_tensors="pt")
         ids_BT, mask_BT = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         feats_BTC = self.model(input_ids=ids_BT, attention_mask=mask_BT).last_hidden_state.float()
