@@ -50,6 +50,12 @@ class OutputConfig(StrictModel):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
     images_per_prompt: int = Field(1, ge=1, description="images per prompt; seeds after the first are derived")
+    save_masks: bool = Field(
+        False, description="keep each image's per-stage keep masks in the metadata (keep_masks, bit-packed: about "
+        "1.5 KB an image at 1024²), for the report's gallery")
+    report: bool = Field(True, description="write OUTPUT/report/index.html at the end of every run (the whole "
+                         "output's rows, a resumed run's earlier ones too); python -m workflows.report makes it anew")
+    report_gallery: int = Field(24, ge=0, description="images in the report's gallery, a sample spread over the run")
     lease_ttl_s: float = Field(
         60.0, gt=0, description="seconds a job's lease on its output lasts unless renewed (every third of it): a "
         "second job on the output is refused meanwhile, and a dead job's lease is taken over after it")

@@ -157,7 +157,7 @@ class Generator:
         ratio = ratios.pop()
         requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt"), ratio) for r in rows]
         try:
-            return list(generate(self.backend, requests, sv))
+            return list(generate(self.backend, requests, sv, record_masks=self.cfg.output.save_masks))
         except Exception as exc:  # noqa: BLE001 - reported per row below
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -180,7 +180,7 @@ class Generator:
         return {
             **self._base_row(row, tau), "status": "ok", "width": width, "height": height, **location,
             "latency_ms": result.latency_ms, "stages": [vars(stage) for stage in result.stages],
-            "written_at": datetime.now(UTC),
+            "written_at": datetime.now(UTC), "keep_masks": result.keep_masks,
         }
 
     def _error_row(self, row: dict[str, Any], message: str, tau: float | None) -> dict[str, Any]:

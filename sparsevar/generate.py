@@ -58,6 +58,9 @@ class ImageResult:
     tokens: list[torch.Tensor] | None = None  # per stage, the (h*w, C) residual tokens, when asked for
     text_ms: float = 0.0  # of the batch's latency: text encoding and set-up before stage 1
     decode_ms: float = 0.0  # of the batch's latency: decoding the final map into pixels
+    # per stage, when asked for: which tokens ran, bit-packed row-major (np.packbits of the h×w mask); None for a
+    # stage where every token ran
+    keep_masks: list[bytes | None] | None = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -122,12 +125,13 @@ def random_scores(requests: list[Request], tokens: int, stage: int, device: torc
 @torch.inference_mode()
 def generate(
     backend: Backend, requests: list[Request], sv: SparseVARConfig, *, record_tokens: bool = False,
-    profile: bool = False,
+    record_masks: bool = False, profile: bool = False,
 ) -> list[ImageResult]:
     """Generate one image per request in a single batch (all requests share one aspect ratio).
 
-    record_tokens keeps every stage's residual tokens (for fidelity against dense); profile synchronises the
-    device around SparseVAR's own work so that `overhead_ms` is exact on GPUs too.
+    record_tokens keeps every stage's residual tokens (for fidelity against dense); record_masks keeps every
+    stage's keep mask, bit-packed (for reports); profile synchronises the device around SparseVAR's own work so
+    that `overhead_ms` is exact on GPUs too.
     """
     if len({r.h_div_w for r in requests}) != 1:
         raise ValueError("a batch must share one h_div_w; group requests by aspect ratio first")
@@ -148,6 +152,7 @@ def generate(
     kept: list[tuple[int, ...]] = []  # per stage, per image
     overhead_ms: list[float] = []
     tokens: list[list[torch.Tensor]] = [[] for _ in requests]
+    masks: list[list[bytes | None]] = [[] for _ in requests]
     clock.mark()
     for stage, (h, w) in enumerate(schedule, start=1):
         sparse_work = _Stopwatch(device, profile)
@@ -188,6 +193,10 @@ def generate(
         if record_tokens:
             for i, tokens_LC in enumerate(tokens_BLC.cpu()):
                 tokens[i].append(tokens_LC)
+        if record_masks:
+            packed_BL = None if plan is None else np.packbits(plan.keep_BL.cpu().numpy(), axis=1)
+            for i in range(B):
+                masks[i].append(None if packed_BL is None else packed_BL[i].tobytes())
 
         if change_Rn is not None:  # the conditional rows score the next stage; uncond rows share the mask
             with sparse_work():
@@ -207,5 +216,6 @@ def generate(
     stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1])
               for stage, ((h, w), ms) in enumerate(zip(schedule, stage_ms, strict=True), start=1)]
              for i in range(B)]
-    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None, text_ms, decode_ms)
+    return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None, text_ms, decode_ms,
+                        masks[i] if record_masks else None)
             for i in range(B)]

@@ -46,6 +46,9 @@ METADATA_SCHEMA = pa.schema(
         # the stored image's size in bytes (null on error rows and in files written before the column): a resumed
         # run regenerates an image whose file has another size
         ("image_bytes", pa.int64()),
+        # with output.save_masks: per stage, which tokens ran (np.packbits of the row-major h×w mask); an entry is
+        # null where every token ran; the column is null when masks were not saved
+        ("keep_masks", pa.list_(pa.binary())),
     ]
 )
 

@@ -170,3 +170,27 @@ class ShardWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.discard()
+
+
+def read_stored_images(uris: list[str], endpoint_url: str | None = None) -> dict[str, bytes]:
+    """The stored bytes of each image URI, a file or a shard member (``{shard}#{KEY}.{ext}``); each shard is read
+    once, whatever the number of its members asked for."""
+    found: dict[str, bytes] = {}
+    members: dict[str, list[str]] = {}
+    for uri in uris:
+        shard, sep, _ = uri.partition("#")
+        if sep and shard.endswith(".tar"):
+            members.setdefault(shard, []).append(uri)
+            continue
+        filesystem, path = resolve(uri, endpoint_url)
+        with filesystem.open_input_stream(path) as stream:
+            found[uri] = stream.read()
+    for shard, wanted in members.items():
+        filesystem, path = resolve(shard, endpoint_url)
+        with filesystem.open_input_file(path) as stream, tarfile.open(fileobj=stream) as tar:
+            for uri in wanted:
+                member = tar.extractfile(uri.partition("#")[2])
+                if member is None:
+                    raise FileNotFoundError(f"{uri}: no such member in its shard")
+                found[uri] = member.read()
+    return found

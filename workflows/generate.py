@@ -402,6 +402,17 @@ def summarize(table: pa.Table, seconds: float, first_sparse: int | None) -> Summ
     return Summary(ok.num_rows, table.num_rows - ok.num_rows, seconds, ratios)
 
 
+def write_run_report(output: str, cfg: JobConfig) -> None:
+    """The report page of the whole output (earlier runs' rows too); a failure to make it costs the job nothing."""
+    from workflows.report import write_report  # matplotlib's import, paid only where a report is made
+
+    try:
+        print(f"report: {write_report(output, cfg.storage.endpoint_url, cfg.output.report_gallery)}")
+    except Exception as exc:  # noqa: BLE001 - the images and metadata are written; only the page is missing
+        print(f"warning: the report was not written ({type(exc).__name__}: {exc}); make it with python -m "
+              f"workflows.report {output}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -428,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
               "the same command again to finish", file=sys.stderr)
         return EXIT_JOB_STOPPED
     print(summary)
+    if cfg.output.report:
+        write_run_report(args.output, cfg)
     return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
 
