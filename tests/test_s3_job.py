@@ -92,6 +92,8 @@ def test_webdataset_job_on_s3_writes_shards_and_remakes_a_lost_one(ray_cluster, 
             image = tar.extractfile(f"{row['sample_key']}.png").read()
             assert tar.extractfile(f"{row['sample_key']}.txt").read().decode() == row["prompt"]
         assert hashlib.sha256(image).hexdigest() == row["image_sha256"]
+    page = objects(bucket, "out/wds/report/")["out/wds/report/index.html"].decode()
+    assert page.count('<figure class="item"') == 5, "the report read each image out of its shard on S3"
 
     # a lost shard is made again, byte for byte, and its rows are recorded once
     bucket.delete_object(Bucket="bucket", Key="out/wds/shards/images-000001.tar")

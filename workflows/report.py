@@ -199,6 +199,9 @@ def build_report(output: str, endpoint_url: str | None = None, gallery_size: int
     """The report page of `output`, as HTML."""
     table = read_metadata(output, endpoint_url, COLUMNS)
     record = read_json(join(output, "run.json"), endpoint_url)
+    if table.num_rows == 0 and record is None:
+        raise ValueError(f"{output} holds no job output (no metadata/ and no run.json): give the folder or URI that "
+                         "the job wrote to (its --output)")
     ok = table.filter(pc.equal(table["status"], "ok"))
     sample = evenly(ok.sort_by([("written_at", "ascending"), ("prompt_id", "ascending")]).to_pylist(), gallery_size)
     figures, items = gallery(sample, endpoint_url)
