@@ -6,6 +6,9 @@
 #   scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]
 # BENCH ARGS replace the default rows (below). BUDGET_S (default 420) bounds the full-size part: no model's group of
 # rows (one batch and mode) starts after BUDGET_S - 150 s, and it is killed at BUDGET_S (what it saved stays).
+# OFFICIAL_S (default 0: skipped) > 0 with .official/ present (scripts/gpu/official_export.sh): before the bench rows,
+# scripts/gpu/official.py times the official Infinity and HART pipelines beside ours, killed at OFFICIAL_S, writing
+# official.json/.md/.log; the bench still gets its BUDGET_S.
 # Wheels from scripts/gpu/wheels.sh in .whl/ are installed first where pydantic is missing (the device machine).
 set -uo pipefail
 if [ $# -lt 1 ] || [ -z "$1" ]; then echo "usage: scripts/gpu/run.sh OUTDIR [BENCH ARGS ...]" >&2; exit 2; fi
@@ -29,6 +32,15 @@ timeout 300 python3 scripts/gpu/bench.py "${smoke[@]}" 2>&1 | tee "$out/smoke.lo
 status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then echo "run.sh: smoke run failed (exit $status), full-size rows not run"; exit "$status"; fi
 if [ "$cuda" != 1 ]; then echo "run.sh: no CUDA device, smoke run only"; exit 0; fi
+official_s=${OFFICIAL_S:-0}
+if [ "$official_s" -gt 0 ] && [ -d .official ]; then
+    timeout "$official_s" python3 scripts/gpu/official.py --deadline-s $((official_s - 60)) --out "$out/official.json" \
+        2>&1 | tee "$out/official.log"
+    status=${PIPESTATUS[0]}
+    [ "$status" -ne 0 ] && echo "run.sh: official.py exited $status (124: killed at OFFICIAL_S=$official_s s); bench rows follow"
+elif [ "$official_s" -gt 0 ]; then
+    echo "run.sh: OFFICIAL_S=$official_s but no .official/ (run scripts/gpu/official_export.sh and carry .official)"
+fi
 budget=${BUDGET_S:-420}
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--cuda-graphs --decode-experiment --unpacked --batches 1 16)
