@@ -438,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the job stopped: {root_cause(exc)}\nwhat was written is kept; after fixing the cause, run "
               "the same command again to finish", file=sys.stderr)
         return EXIT_JOB_STOPPED
-    print(summary)
     if cfg.output.report:
         write_run_report(args.output, cfg)
+    print(summary)
     return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
 
