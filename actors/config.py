@@ -6,7 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sparsevar.adaptive import AdaptiveConfig
 from sparsevar.backends import ModelConfig
-from sparsevar.config import SamplingConfig, SparseVARConfig, StrictModel
+from sparsevar.config import SamplingConfig, SparseVARConfig, SpeedupConfig, StrictModel
 
 # Adaptive runs default to quantile normalisation: τ is then the excluded fraction, so latency follows τ
 # closely and the same for every image; benchmarks/adaptive.py measured it tracking a target better.
@@ -69,6 +69,7 @@ class StorageConfig(StrictModel):
 class JobConfig(StrictModel):
     model: ModelConfig
     sparsevar: SparseVARConfig = SparseVARConfig()
+    speedups: SpeedupConfig = SpeedupConfig()
     sampling: SamplingConfig = SamplingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     ray: RayConfig = RayConfig()

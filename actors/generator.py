@@ -157,7 +157,7 @@ class Generator:
         ratio = ratios.pop()
         requests = [Request(r["prompt"], r["seed"], r.get("negative_prompt"), ratio) for r in rows]
         try:
-            return list(generate(self.backend, requests, sv, record_masks=self.cfg.output.save_masks))
+            return generate(self.backend, requests, sv, self.cfg.speedups, record_masks=self.cfg.output.save_masks)
         except Exception as exc:  # noqa: BLE001 - reported per row below
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()

@@ -37,6 +37,15 @@ class SparseVARConfig(StrictModel):
     )
 
 
+class SpeedupConfig(StrictModel):
+    """Training-free speed-ups beside SparseVAR, run by the same loop and combinable with it
+    (`docs/accelerations.md`); each is off at its default, which gives the image of the loop without it."""
+
+    skip_last_stages: int = Field(
+        0, ge=0, description="K: the last K stages are not run, and the image is decoded from the stages before "
+        "(every backend keeps their sum at the last grid, so this is their map upsampled)")
+
+
 class SamplingConfig(StrictModel):
     """Per-token sampling with classifier-free guidance, shared by the backends."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sparsevar.backend import Backend
-from sparsevar.config import SparseVARConfig
+from sparsevar.config import SparseVARConfig, SpeedupConfig
 from sparsevar.packing import Padding
 from sparsevar.sparse import (
     anchor_layout,
@@ -25,6 +25,8 @@ from sparsevar.sparse import (
     normalize_scores,
     plan_stage,
 )
+
+NO_SPEEDUPS = SpeedupConfig()
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,8 @@ def random_scores(requests: list[Request], tokens: int, stage: int, device: torc
 
 @torch.inference_mode()
 def generate(
-    backend: Backend, requests: list[Request], sv: SparseVARConfig, *, record_tokens: bool = False,
-    record_masks: bool = False, profile: bool = False,
+    backend: Backend, requests: list[Request], sv: SparseVARConfig, speedups: SpeedupConfig = NO_SPEEDUPS, *,
+    record_tokens: bool = False, record_masks: bool = False, profile: bool = False,
 ) -> list[ImageResult]:
     """Generate one image per request in a single batch (all requests share one aspect ratio).
 
@@ -139,6 +141,10 @@ def generate(
         raise ValueError(f"sparsevar.score_block={sv.score_block} is outside 1..{backend.depth} for {backend.name}")
     B, device = len(requests), backend.device
     schedule = backend.schedule(requests[0].h_div_w)
+    if speedups.skip_last_stages >= len(schedule):
+        raise ValueError(f"speedups.skip_last_stages={speedups.skip_last_stages} leaves none of {backend.name}'s "
+                         f"{len(schedule)} stages to run")
+    last = len(schedule) - speedups.skip_last_stages  # the last stage that runs
     first_sparse = first_sparse_stage(sv)
     generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
 
@@ -154,7 +160,7 @@ def generate(
     tokens: list[list[torch.Tensor]] = [[] for _ in requests]
     masks: list[list[bytes | None]] = [[] for _ in requests]
     clock.mark()
-    for stage, (h, w) in enumerate(schedule, start=1):
+    for stage, (h, w) in enumerate(schedule[:last], start=1):
         sparse_work = _Stopwatch(device, profile)
         x_RLC = backend.stage_input(state, stage)
         plan = None
@@ -167,7 +173,7 @@ def generate(
                 plan = plan_stage(s_BL, sv.tau, *anchors, multiple=backend.kept_multiple)
                 if min(plan.counts) == h * w:
                     plan = None  # every token runs: take the dense path, which is the same computation
-        wants_score = first_sparse is not None and first_sparse <= stage + 1 <= len(schedule)
+        wants_score = first_sparse is not None and first_sparse <= stage + 1 <= last
         capture = sv.score_block if wants_score else None
 
         if plan is None:
@@ -213,6 +219,13 @@ def generate(
     _synchronize(device)
     batch_ms = (time.perf_counter() - t_batch) * 1e3
     text_ms, *stage_ms, decode_ms = clock.intervals_ms()
+    skipped = len(schedule) - last  # stages not run: nothing kept, no time
+    kept += [(0,) * B] * skipped
+    stage_ms += [0.0] * skipped
+    overhead_ms += [0.0] * skipped
+    for h, w in schedule[last:] if record_masks else ():
+        for image_masks in masks:
+            image_masks.append(bytes(-(-h * w // 8)))  # no token ran
     stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1])
               for stage, ((h, w), ms) in enumerate(zip(schedule, stage_ms, strict=True), start=1)]
              for i in range(B)]
