@@ -158,3 +158,27 @@ def test_the_conditional_rows_score_the_next_stage(backend, monkeypatch):
     for result in generate(backend, requests, SPARSE):
         for s in result.stages[SPARSE.start_stage - 1:]:
             assert s.kept == math.ceil(s.height / 4) * math.ceil(s.width / 4), s
+
+
+def test_skipping_the_last_stages_decodes_the_stages_before(backend):
+    from sparsevar.config import SpeedupConfig
+
+    dense = SPARSE.model_copy(update={"enabled": False})
+    full = generate(backend, REQUESTS, SPARSE)
+    assert pixels(generate(backend, REQUESTS, SPARSE, SpeedupConfig(skip_last_stages=0))) == pixels(full)
+    skipped = generate(backend, REQUESTS, SPARSE, SpeedupConfig(skip_last_stages=2), record_tokens=True,
+                       record_masks=True)
+    for image, reference in zip(skipped, full, strict=True):
+        assert [s.tokens for s in image.stages] == [s.tokens for s in reference.stages]
+        assert [(s.kept, s.latency_ms) for s in image.stages[-2:]] == [(0, 0.0), (0, 0.0)]
+        assert [s.kept for s in image.stages[:-2]] == [s.kept for s in reference.stages[:-2]]
+        assert len(image.tokens) == len(image.stages) - 2
+        assert not any(np.unpackbits(np.frombuffer(m, np.uint8)).any() for m in image.keep_masks[-2:])
+    # the same stages' tokens as the full run, and an image decoded from them alone
+    for image, reference in zip(skipped, generate(backend, REQUESTS, SPARSE, record_tokens=True), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(image.tokens, reference.tokens, strict=False))
+    assert pixels(skipped) != pixels(full)
+    dense_skipped = generate(backend, REQUESTS, dense, SpeedupConfig(skip_last_stages=2))
+    assert [s.kept for s in dense_skipped[0].stages[:-2]] == [s.tokens for s in dense_skipped[0].stages[:-2]]
+    with pytest.raises(ValueError, match="skip_last_stages=8 leaves none"):
+        generate(backend, REQUESTS, SPARSE, SpeedupConfig(skip_last_stages=8))
