@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from sparsevar.fastvar import StagePruning
 from sparsevar.packing import Padding
 
 
@@ -42,6 +43,7 @@ class Backend(Protocol):
         positions_Rn: torch.Tensor | None,
         padding: Padding | None,
         capture_block: int | None,
+        prune: StagePruning | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run blocks 1..N and the head on the given tokens of a stage.
 
@@ -51,6 +53,8 @@ class Backend(Protocol):
         key/value cache. Returns per-token predictions (R, n, V) and, when capture_block (from 1) is given,
         that block's per-token change (R, n) (`sparse.block_scores`, the spec's step 1), so that no hidden
         state outlives the forward. Both may be overwritten by the next forward (CUDA graphs reuse memory).
+        prune: FastVAR's work at this stage (`sparsevar.fastvar`): each block hands each sub-layer's branch to
+        `prune.branch`, and the stage runs unpacked.
         """
 
     def sample(

@@ -5,7 +5,7 @@ Validated with pydantic so that an unknown key or a bad value is rejected, by na
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -37,6 +37,31 @@ class SparseVARConfig(StrictModel):
     )
 
 
+class FastVARConfig(StrictModel):
+    """FastVAR's cached token pruning (`sparsevar.fastvar`) at the stages `prune` names; empty: off. Released
+    settings at 1024²: Infinity-2B prune {10: 0.4, 11: 0.5}, cache_stage 9, layers [4, 28], with
+    skip_last_stages 2; HART-0.7B prune {13: 0.5, 14: 0.75}, cache_stage 12."""
+
+    prune: dict[int, float] = Field(default_factory=dict, description="stage (from 1) -> fraction r of its tokens "
+                                    "that each pruned sub-layer leaves out")
+    cache_stage: int | None = Field(None, ge=1, description="the stage, before every pruned one and never pruned, "
+                                    "whose sub-layer outputs the left-out tokens take, upsampled")
+    layers: tuple[int, int] | None = Field(None, description="first and last block (from 1) that prune; none: all")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FastVARConfig":
+        if not self.prune:
+            return self
+        if any(stage < 1 or not 0.0 <= r < 1.0 for stage, r in self.prune.items()):
+            raise ValueError(f"prune maps stages (from 1) to fractions in [0, 1), got {self.prune}")
+        if self.cache_stage is None or self.cache_stage >= min(self.prune):
+            raise ValueError(f"cache_stage must be set and come before the first pruned stage {min(self.prune)}, "
+                             f"got {self.cache_stage}")
+        if self.layers is not None and not 1 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"layers must be [first, last] blocks from 1, got {list(self.layers)}")
+        return self
+
+
 class SpeedupConfig(StrictModel):
     """Training-free speed-ups beside SparseVAR, run by the same loop and combinable with it
     (`docs/accelerations.md`); each is off at its default, which gives the image of the loop without it."""
@@ -44,6 +69,7 @@ class SpeedupConfig(StrictModel):
     skip_last_stages: int = Field(
         0, ge=0, description="K: the last K stages are not run, and the image is decoded from the stages before "
         "(every backend keeps their sum at the last grid, so this is their map upsampled)")
+    fastvar: FastVARConfig = FastVARConfig()
 
 
 class SamplingConfig(StrictModel):

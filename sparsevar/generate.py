@@ -15,6 +15,7 @@ import torch
 
 from sparsevar.backend import Backend
 from sparsevar.config import SparseVARConfig, SpeedupConfig
+from sparsevar.fastvar import FastVARRun
 from sparsevar.packing import Padding
 from sparsevar.sparse import (
     anchor_layout,
@@ -124,6 +125,15 @@ def random_scores(requests: list[Request], tokens: int, stage: int, device: torc
     return (torch.stack(rows).double() / max(tokens - 1, 1)).to(device)
 
 
+def check_fastvar(backend: Backend, speedups: SpeedupConfig, first_sparse: int | None) -> None:
+    """FastVAR's reference stage must run whole, and its per-generation caches have no place in CUDA graphs yet."""
+    if getattr(backend, "graphs", None) is not None:
+        raise ValueError("speedups.fastvar does not run with CUDA graphs yet: set model.cuda_graphs: false")
+    if first_sparse is not None and first_sparse <= speedups.fastvar.cache_stage:
+        raise ValueError(f"speedups.fastvar.cache_stage ({speedups.fastvar.cache_stage}) must come before "
+                         f"SparseVAR's first sparse stage ({first_sparse}): FastVAR restores from its every token")
+
+
 @torch.inference_mode()
 def generate(
     backend: Backend, requests: list[Request], sv: SparseVARConfig, speedups: SpeedupConfig = NO_SPEEDUPS, *,
@@ -146,6 +156,10 @@ def generate(
                          f"{len(schedule)} stages to run")
     last = len(schedule) - speedups.skip_last_stages  # the last stage that runs
     first_sparse = first_sparse_stage(sv)
+    fastvar = None
+    if speedups.fastvar.prune:
+        check_fastvar(backend, speedups, first_sparse)
+        fastvar = FastVARRun(speedups.fastvar, schedule, backend.depth)
     generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
 
     _synchronize(device)
@@ -177,7 +191,8 @@ def generate(
         capture = sv.score_block if wants_score else None
 
         if plan is None:
-            pred_RLV, change_Rn = backend.forward(state, x_RLC, stage, None, None, capture)
+            prune = None if fastvar is None else fastvar.stage(stage, None)
+            pred_RLV, change_Rn = backend.forward(state, x_RLC, stage, None, None, capture, prune)
             tokens_BLC = backend.sample(state, pred_RLV, stage, generators, None)
         else:
             with sparse_work():
@@ -186,7 +201,8 @@ def generate(
                 if plan.valid_Bn is not None:
                     padding = Padding(plan.valid_Bn.repeat(branches, 1), branches * sum(plan.counts))
                 x_RnC = gather_tokens(x_RLC, idx_Rn)
-            pred_RnV, change_Rn = backend.forward(state, x_RnC, stage, idx_Rn, padding, capture)
+            prune = None if fastvar is None else fastvar.stage(stage, idx_Rn)
+            pred_RnV, change_Rn = backend.forward(state, x_RnC, stage, idx_Rn, padding, capture, prune)
             if sv.fill == "logits" and sv.anchor_grid:
                 with sparse_work():
                     pred_RLV = fill_tokens(pred_RnV, plan.src_idx_BL.repeat(branches, 1), plan.has_sources)

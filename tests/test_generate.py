@@ -182,3 +182,52 @@ def test_skipping_the_last_stages_decodes_the_stages_before(backend):
     assert [s.kept for s in dense_skipped[0].stages[:-2]] == [s.tokens for s in dense_skipped[0].stages[:-2]]
     with pytest.raises(ValueError, match="skip_last_stages=8 leaves none"):
         generate(backend, REQUESTS, SPARSE, SpeedupConfig(skip_last_stages=8))
+
+
+FASTVAR = {"cache_stage": 5, "prune": {6: 0.4, 7: 0.5}, "layers": (2, 3)}
+
+
+def test_fastvar_prunes_the_sub_layers_it_names_and_restores_from_the_cache_stage(backend):
+    from sparsevar.config import FastVARConfig, SpeedupConfig
+
+    dense = SPARSE.model_copy(update={"enabled": False})
+    plain = generate(backend, REQUESTS, dense)
+    neutral = SpeedupConfig(fastvar=FastVARConfig(**{**FASTVAR, "prune": {6: 0.0, 7: 0.0}}))
+    assert pixels(generate(backend, REQUESTS, dense, neutral)) == pixels(plain), "r = 0 runs every token"
+    fastvar = SpeedupConfig(fastvar=FastVARConfig(**FASTVAR))
+    pruned = generate(backend, REQUESTS, dense, fastvar)
+    assert pixels(pruned) != pixels(plain)
+    assert [s.kept for s in pruned[0].stages] == [s.kept for s in plain[0].stages]  # FastVAR works inside blocks
+    lengths = [cache.length for cache in backend.last_state.caches]
+    grid = sum(h * w for h, w in backend.schedule(1.0))
+    kept_6, kept_7 = 64 - int(64 * 0.4), 144 - int(144 * 0.5)  # stages 6 and 7 are 8x8 and 12x12
+    pruned_blocks = grid - 64 - 144 + kept_6 + kept_7
+    assert lengths == [grid, pruned_blocks, pruned_blocks, grid], "only the pivotal tokens' keys and values"
+    # with SparseVAR: its kept tokens run the unpruned blocks, FastVAR prunes among them in blocks 2 and 3
+    both = generate(backend, REQUESTS, SPARSE, fastvar)
+    alone = generate(backend, REQUESTS, SPARSE)
+    assert [s.kept for s in both[0].stages[:6]] == [s.kept for s in alone[0].stages[:6]]
+    assert pixels(both) != pixels(alone)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"prune": {6: 0.4}}, "cache_stage must be set"), ({"prune": {6: 0.4}, "cache_stage": 6}, "come before"),
+    ({"prune": {6: 1.0}, "cache_stage": 5}, "fractions in"), ({**FASTVAR, "layers": (3, 2)}, "layers must be"),
+])
+def test_fastvar_settings_are_checked(fields, message):
+    from pydantic import ValidationError
+
+    from sparsevar.config import FastVARConfig
+
+    with pytest.raises(ValidationError, match=message):
+        FastVARConfig(**fields)
+
+
+def test_fastvar_needs_its_cache_stage_before_sparsevar_and_fits_the_model(backend):
+    from sparsevar.config import FastVARConfig, SpeedupConfig
+
+    late = SpeedupConfig(fastvar=FastVARConfig(cache_stage=6, prune={7: 0.5}))
+    with pytest.raises(ValueError, match="must come before SparseVAR's first sparse stage"):
+        generate(backend, REQUESTS, SPARSE, late)
+    with pytest.raises(ValueError, match="names stage 9 of a 8-stage"):
+        generate(backend, REQUESTS, SPARSE, SpeedupConfig(fastvar=FastVARConfig(cache_stage=5, prune={9: 0.5})))

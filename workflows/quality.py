@@ -19,17 +19,18 @@ import numpy as np
 from sparsevar.backend import Backend
 from sparsevar.backends import build_backend
 from sparsevar.calibration import psnr_db
-from sparsevar.config import SparseVARConfig
+from sparsevar.config import SparseVARConfig, SpeedupConfig
 from sparsevar.demo.scenes import held_out
 from sparsevar.demo.yardstick import Yardstick, load_yardstick, pixels
-from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate
+from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate
 from workflows.config import ConfigError, load_config
 
 
-def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, str, SparseVARConfig]]:
-    """(table, label, config) of every measured setting; the config's own values are the defaults."""
+def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, str, SparseVARConfig, SpeedupConfig]]:
+    """(table, label, config, speed-ups) of every measured setting; the config's own values are the defaults."""
     on = sv.model_copy(update={"enabled": True})
-    rows = [("tau", "dense", sv.model_copy(update={"enabled": False}))]
+    dense = sv.model_copy(update={"enabled": False})
+    rows = [("tau", "dense", dense)]
     rows += [("tau", f"τ={t}", on.model_copy(update={"tau": t})) for t in (0.4, 0.5, 0.6, 0.7)]
     for tau in (0.5, 0.7):
         quantile = on.model_copy(update={"normalize": "quantile", "tau": tau})
@@ -38,16 +39,21 @@ def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, st
     rows += [("alpha", f"α={a}", on.model_copy(update={"anchor_grid": a})) for a in (0, 2, 4, 8)]
     rows += [("start", f"P={p}", on.model_copy(update={"start_stage": p})) for p in range(stages - 3, stages + 1)]
     rows += [("block", f"s={s}", on.model_copy(update={"score_block": s})) for s in range(1, depth + 1)]
-    return rows
+    measured = [(table, label, config, NO_SPEEDUPS) for table, label, config in rows]
+    for k in (1, 2):
+        skip = SpeedupConfig(skip_last_stages=k)
+        measured += [("speedups", f"dense, last {k} skipped", dense, skip),
+                     ("speedups", f"τ={sv.tau}, last {k} skipped", on, skip)]
+    return measured
 
 
-def measure(backend: Backend, requests: list[Request], sv: SparseVARConfig, batch: int, yardstick: Yardstick,
-            dense: list[ImageResult] | None) -> tuple[dict[str, Any], list[ImageResult]]:
+def measure(backend: Backend, requests: list[Request], sv: SparseVARConfig, speedups: SpeedupConfig, batch: int,
+            yardstick: Yardstick, dense: list[ImageResult] | None) -> tuple[dict[str, Any], list[ImageResult]]:
     batches = [requests[i:i + batch] for i in range(0, len(requests), batch)]
-    generate(backend, batches[0], sv)  # warm-up
+    generate(backend, batches[0], sv, speedups)  # warm-up
     results, per_image_ms = [], []
     for chunk in batches:
-        out = generate(backend, chunk, sv)
+        out = generate(backend, chunk, sv, speedups)
         results += out
         per_image_ms.append(out[0].latency_ms / len(chunk))
     scores = yardstick.score(pixels(np.stack([r.pixels_HWC for r in results])), [r.prompt for r in requests])
@@ -69,6 +75,8 @@ TABLES = {
     "alpha": "Anchor grid α at the config's τ (0: no anchors)",
     "start": "First sparse stage P at the config's τ",
     "block": "Score block s at the config's τ",
+    "speedups": "Other speed-ups on the same loop: the last K stages skipped, alone and with SparseVAR "
+                "(kept: tokens that ran from stage P on, the skipped stages' none included)",
 }
 
 
@@ -114,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.only.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     rows, dense = [], None
-    for table, label, sv in settings(cfg.sparsevar, backend.depth, len(backend.schedule(1.0))):
+    for table, label, sv, speedups in settings(cfg.sparsevar, backend.depth, len(backend.schedule(1.0))):
         if table not in wanted and label != "dense":
             continue
-        row, results = measure(backend, requests, sv, args.batch, yardstick, dense)
+        row, results = measure(backend, requests, sv, speedups, args.batch, yardstick, dense)
         if label == "dense":
             dense = results
             write_grid(args.out, [r.pixels_HWC for r in results[:16]], [r.prompt for r in requests[:16]])

@@ -28,6 +28,7 @@ from sparsevar.backends.hart.text import QwenTextEncoder
 from sparsevar.backends.hart.tokenizer import TRAINING_ONLY, HybridTokenizer
 from sparsevar.backends.hart.transformer import Conditioning, HartTransformer
 from sparsevar.config import SamplingConfig
+from sparsevar.fastvar import StagePruning
 from sparsevar.graphs import GraphMode
 from sparsevar.packing import Padding, worth_packing
 from sparsevar.state_dicts import check_entries, read_state_dict
@@ -175,7 +176,8 @@ class HartBackend(GraphMode):
         return x_BLC.repeat(state.branches, 1, 1)
 
     def forward(self, state: HartState, x_RnC: torch.Tensor, stage: int, positions_Rn: torch.Tensor | None,
-                padding: Padding | None, capture_block: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                padding: Padding | None, capture_block: int | None, prune: StagePruning | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m, hd, cond, caches, last = self.model, self.arch.head_dim, state.cond, state.caches, len(state.schedule)
         if stage == 1:  # the context, with 1-D RoPE; the last position predicts the 1x1 map
             cos_sin = rope_1d(state.context_pos_RT, hd)
@@ -191,7 +193,7 @@ class HartBackend(GraphMode):
                 return m.logits(h_RTC.float(), cond)[:, -1:], None if change_RT is None else change_RT[:, -1:]
             x_RnC = m.word_embed(x_RnC.to(self.dtype)) + m.lvl_embed.weight[stage - 1]
             h_RnC, change_Rn = m(x_RnC, cond, cos_sin, caches, valid_Rn, capture_block,  # packed when eager
-                                 worth_packing(padding) if self.graphs is None else None)
+                                 worth_packing(padding) if self.graphs is None and prune is None else None, prune)
             logits_RnV = m.logits(h_RnC.float(), cond)
             return (logits_RnV if stage < last else torch.cat([logits_RnV, h_RnC.float()], dim=-1)), change_Rn
 

@@ -16,6 +16,7 @@ from sparsevar.attention import KVCache, cosine_attention_constants
 from sparsevar.backends.hart.diffusion import DiffusionHead
 from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
 from sparsevar.backends.hart.rope import apply_rope
+from sparsevar.fastvar import StagePruning, take
 from sparsevar.packing import Padding
 from sparsevar.sparse import block_scores
 
@@ -115,12 +116,23 @@ class Block(nn.Module):
         return BlockContext((gamma1, gamma2, scale1 + 1, scale2 + 1, shift1, shift2), *self.attn.constants())
 
     def forward(self, x_RnC, ctx: BlockContext, cos_sin_2RnD, cache, valid_Rn,
-                packing: Padding | None = None) -> torch.Tensor:
-        """x and ctx.ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both."""
+                packing: Padding | None = None, prune: StagePruning | None = None, index: int = 0) -> torch.Tensor:
+        """x and ctx.ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both. With prune (FastVAR, never
+        with packing), each branch runs on the tokens it picks; `index` is the block's, from 1."""
         gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
-        x_RnC = x_RnC + self.attn(self.ln_wo_grad(x_RnC) * scale1_1 + shift1, cos_sin_2RnD, cache, valid_Rn,
-                                  ctx.qkv_bias, ctx.qk_scale, packing) * gamma1
-        return x_RnC + self.ffn(self.ln_wo_grad(x_RnC) * scale2_1 + shift2) * gamma2
+
+        def attention(x, idx):
+            cos_sin, valid = ((cos_sin_2RnD, valid_Rn) if idx is None
+                              else (take(cos_sin_2RnD, idx, 2), take(valid_Rn, idx, 1)))
+            return self.attn(self.ln_wo_grad(x) * scale1_1 + shift1, cos_sin, cache, valid, ctx.qkv_bias,
+                             ctx.qk_scale, packing) * gamma1
+
+        def ffn(x, idx):
+            return self.ffn(self.ln_wo_grad(x) * scale2_1 + shift2) * gamma2
+
+        for name, branch in (("attn", attention), ("ffn", ffn)):
+            x_RnC = x_RnC + (branch(x_RnC, None) if prune is None else prune.branch(index, name, x_RnC, branch))
+        return x_RnC
 
 
 class HeadNorm(nn.Module):
@@ -174,7 +186,7 @@ class HartTransformer(nn.Module):
         return Conditioning(blocks, self.head_nm.modulation(cond_R1C.float()))
 
     def forward(self, x_RnC, cond: Conditioning, cos_sin_2RnD, caches: list[KVCache], valid_Rn,
-                capture_block: int | None, packing: Padding | None = None):
+                capture_block: int | None, packing: Padding | None = None, prune: StagePruning | None = None):
         """Blocks 1..N on embedded tokens; returns the last hidden state and block `capture_block`'s per-token
         change (`block_scores`). With packing (the stage's padding, whose valid_Rn this is), only the real tokens
         run outside attention (`sparsevar.packing`)."""
@@ -185,7 +197,7 @@ class HartTransformer(nn.Module):
             x_in = x_RnC
             if packing is not None:  # per-token modulations one block at a time: all at once would be depth × larger
                 ctx = replace(ctx, ada=tuple(map(packing.per_token, ctx.ada)))
-            x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn, packing)
+            x_RnC = block(x_RnC, ctx, cos_sin_2RnD, cache, valid_Rn, packing, prune, i)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
         if packing is None:

@@ -161,7 +161,7 @@ class InfinityBackend(GraphMode):
             f_BdHW = F.pixel_unshuffle(f_BdHW, 2)
         return f_BdHW.flatten(2).transpose(1, 2).repeat(state.branches, 1, 1)
 
-    def forward(self, state, x_RnC, stage, positions_Rn, padding, capture_block):
+    def forward(self, state, x_RnC, stage, positions_Rn, padding, capture_block, prune=None):
         h, w = state.schedule[stage - 1]
         start = state.offsets[stage - 1]
         table_2Ld = state.rope_2Ld[:, start : start + h * w]
@@ -174,7 +174,7 @@ class InfinityBackend(GraphMode):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
             with self._autocast():  # packed when eager; a graph keeps the padded shapes, which repeat
                 return self.model(x_RnC, stage, rope, caches, valid_Rn, text, capture_block,
-                                  worth_packing(padding) if self.graphs is None else None)
+                                  worth_packing(padding) if self.graphs is None and prune is None else None, prune)
 
         if self.graphs is None:
             logits, change_Rn = run(x_RnC, rope, valid_Rn)

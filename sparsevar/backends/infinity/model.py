@@ -19,6 +19,7 @@ from torch import nn
 from sparsevar.attention import KVCache, cosine_attention_constants
 from sparsevar.backends.infinity.config import InfinityConfig
 from sparsevar.backends.infinity.schedule import apply_rope
+from sparsevar.fastvar import StagePruning, take
 from sparsevar.packing import Padding
 from sparsevar.sparse import block_scores
 
@@ -184,14 +185,26 @@ class Block(nn.Module):
                             (norm.weight.float(), norm.bias.float()), text_kv)
 
     def forward(self, x_RnC, ctx: BlockContext, rope_2Rnd, cache, valid_Rn, text_mask,
-                packing: Padding | None = None) -> torch.Tensor:
-        """x and ctx.ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both."""
+                packing: Padding | None = None, prune: StagePruning | None = None, index: int = 0) -> torch.Tensor:
+        """x and ctx.ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both. With prune (FastVAR, never
+        with packing), each branch runs on the tokens it picks; `index` is the block's, from 1."""
         gamma1, gamma2, scale1_1, scale2_1, shift1, shift2 = ctx.ada
-        x_RnC = x_RnC + self.sa(layer_norm(x_RnC) * scale1_1 + shift1, rope_2Rnd, cache, valid_Rn, ctx.qkv_bias,
-                                ctx.qk_scale, packing) * gamma1
-        x_ca = F.layer_norm(x_RnC.float(), self.ca_norm.normalized_shape, *ctx.ca_norm, self.ca_norm.eps)
-        x_RnC = x_RnC + self.ca.attend(x_ca, ctx.text_kv, text_mask, packing)  # bf16 under autocast: sum in fp32
-        return x_RnC + self.ffn(layer_norm(x_RnC) * scale2_1 + shift2) * gamma2
+
+        def attention(x, idx):
+            rope, valid = (rope_2Rnd, valid_Rn) if idx is None else (take(rope_2Rnd, idx, 2), take(valid_Rn, idx, 1))
+            return self.sa(layer_norm(x) * scale1_1 + shift1, rope, cache, valid, ctx.qkv_bias, ctx.qk_scale,
+                           packing) * gamma1
+
+        def cross(x, idx):  # bf16 under autocast: summed into the residual in fp32
+            x_ca = F.layer_norm(x.float(), self.ca_norm.normalized_shape, *ctx.ca_norm, self.ca_norm.eps)
+            return self.ca.attend(x_ca, ctx.text_kv, text_mask, packing)
+
+        def ffn(x, idx):
+            return self.ffn(layer_norm(x) * scale2_1 + shift2) * gamma2
+
+        for name, branch in (("sa", attention), ("ca", cross), ("ffn", ffn)):
+            x_RnC = x_RnC + (branch(x_RnC, None) if prune is None else prune.branch(index, name, x_RnC, branch))
+        return x_RnC
 
 
 class Chunk(nn.Module):
@@ -259,7 +272,7 @@ class Infinity(nn.Module):
         return sos_R1C, TextContext(blocks, head, mask_R11T)
 
     def forward(self, x_RnC, stage, rope_2Rnd, caches, valid_Rn, text: TextContext, capture_block: int | None,
-                packing: Padding | None = None):
+                packing: Padding | None = None, prune: StagePruning | None = None):
         """Logits (R, n, 2 * bits) of a stage's tokens and, if asked, block capture_block's per-token change (R, n).
 
         x is the start token at stage 1 and raw codes afterwards; the level embedding is added once, before
@@ -275,7 +288,7 @@ class Infinity(nn.Module):
             x_in = x_RnC
             if packing is not None:  # per-token modulations one block at a time: all at once would be depth × larger
                 ctx = replace(ctx, ada=tuple(map(packing.per_token, ctx.ada)))
-            x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T, packing)
+            x_RnC = block(x_RnC, ctx, rope_2Rnd, cache, valid_Rn, text.mask_R11T, packing, prune, i)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
         head = text.head if packing is None else tuple(map(packing.per_token, text.head))

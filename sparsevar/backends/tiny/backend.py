@@ -141,7 +141,7 @@ class TinyBackend:
             self._rope[key] = table.to(self.device, self.dtype)
         return self._rope[key]
 
-    def forward(self, state, x_RnC, stage, positions_Rn, padding, capture_block):
+    def forward(self, state, x_RnC, stage, positions_Rn, padding, capture_block, prune=None):
         table_2Ld = self._rope_table(state, stage)
         if positions_Rn is None:
             rope = table_2Ld[:, None]
@@ -149,7 +149,7 @@ class TinyBackend:
             rope = table_2Ld[:, positions_Rn]
         return self.model.transformer(
             x_RnC, stage, state.cond, rope, state.caches, None if padding is None else padding.valid_Rn, state.text,
-            capture_block, worth_packing(padding),
+            capture_block, worth_packing(padding) if prune is None else None, prune,
         )
 
     def sample(self, state, pred_RnV, stage, generators, positions_Bn):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsevar.attention import KVCache, apply_rope, attend
+from sparsevar.fastvar import StagePruning, take
 from sparsevar.packing import Padding
 from sparsevar.sparse import block_scores
 
@@ -91,13 +92,24 @@ class Block(nn.Module):
         return self.ada(F.silu(cond_R1C)).chunk(6, dim=-1)
 
     def forward(self, x_RnC, ada: Modulation, rope_2Rnd, cache, valid_Rn, text_kv, text_mask,
-                packing: Padding | None = None) -> torch.Tensor:
-        """x and ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both."""
+                packing: Padding | None = None, prune: StagePruning | None = None, index: int = 0) -> torch.Tensor:
+        """x and ada are (R, n, C) and (R, 1, C), or with packing (1, N, C) both. With prune (FastVAR, never
+        with packing), each branch runs on the tokens it picks; `index` is the block's, from 1."""
         shift1, scale1, gate1, shift2, scale2, gate2 = ada
-        x_RnC = x_RnC + gate1 * self.attn(self.norm1(x_RnC) * (1 + scale1) + shift1, rope_2Rnd, cache, valid_Rn,
-                                          packing)
-        x_RnC = x_RnC + self.cross(self.norm_ca(x_RnC), text_kv, text_mask, packing)
-        return x_RnC + gate2 * self.mlp(self.norm2(x_RnC) * (1 + scale2) + shift2)
+
+        def attention(x, idx):
+            rope, valid = (rope_2Rnd, valid_Rn) if idx is None else (take(rope_2Rnd, idx, 2), take(valid_Rn, idx, 1))
+            return gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope, cache, valid, packing)
+
+        def cross(x, idx):
+            return self.cross(self.norm_ca(x), text_kv, text_mask, packing)
+
+        def mlp(x, idx):
+            return gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+        for name, branch in (("attn", attention), ("cross", cross), ("mlp", mlp)):
+            x_RnC = x_RnC + (branch(x_RnC, None) if prune is None else prune.branch(index, name, x_RnC, branch))
+        return x_RnC
 
 
 class TinyTransformer(nn.Module):
@@ -124,7 +136,7 @@ class TinyTransformer(nn.Module):
                             self.head_ada(F.silu(cond_R1C)).chunk(2, dim=-1))
 
     def forward(self, x_RnC, stage, cond: Conditioning, rope_2Rnd, caches, valid_Rn, text: TextContext,
-                capture_block, packing: Padding | None = None):
+                capture_block, packing: Padding | None = None, prune: StagePruning | None = None):
         """Logits (R, n, 2 * bits) and block capture_block's change (R, n). With packing (the stage's padding,
         whose valid_Rn this is), only the real tokens run outside attention (`sparsevar.packing`)."""
         x_RnC = (x_RnC if stage == 1 else self.word_embed(x_RnC)) + self.lvl_embed.weight[stage - 1]
@@ -134,7 +146,7 @@ class TinyTransformer(nn.Module):
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True), start=1):
             x_in = x_RnC
             ada = cond.blocks[i - 1] if packing is None else tuple(map(packing.per_token, cond.blocks[i - 1]))
-            x_RnC = block(x_RnC, ada, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T, packing)
+            x_RnC = block(x_RnC, ada, rope_2Rnd, cache, valid_Rn, text.kv[i - 1], text.mask_R11T, packing, prune, i)
             if i == capture_block:
                 change_Rn = block_scores(x_in, x_RnC)
         logits = self.logits(x_RnC, cond.head if packing is None else tuple(map(packing.per_token, cond.head)))
