@@ -13,6 +13,8 @@ from typing import Protocol
 class StageCounts(Protocol):
     tokens: int
     kept: int
+    pruned: int  # FastVAR: tokens each pruned sub-layer left out, in `pruned_blocks` of the blocks
+    pruned_blocks: int
 
 
 def generation_flops(stages: Sequence[StageCounts], block_params: int, dim: int, depth: int, dense: bool) -> float:
@@ -22,6 +24,8 @@ def generation_flops(stages: Sequence[StageCounts], block_params: int, dim: int,
         q = stage.tokens if dense else stage.kept
         kv = cached + q
         total += depth * (2.0 * block_params * q + 4.0 * dim * q * kv)
+        if not dense and stage.pruned:  # FastVAR's pruned blocks run fewer queries (their keys: ignored here)
+            total -= stage.pruned_blocks * (2.0 * block_params + 4.0 * dim * kv) * stage.pruned
         cached = kv
     return total
 

@@ -51,6 +51,8 @@ class StageStats:
     kept: int
     latency_ms: float
     overhead_ms: float = 0.0  # of latency_ms: scoring, gathering and filling (device-synchronised when profiling)
+    pruned: int = 0  # FastVAR: tokens each of its pruned sub-layers left out (speedups.fastvar)
+    pruned_blocks: int = 0  # FastVAR: the blocks that pruned at this stage
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,8 @@ def generate(
     for h, w in schedule[last:] if record_masks else ():
         for image_masks in masks:
             image_masks.append(bytes(-(-h * w // 8)))  # no token ran
-    stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1])
+    stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1],
+                         *(fastvar.pruned(stage, kept[stage - 1][i]) if fastvar else (0, 0)))
               for stage, ((h, w), ms) in enumerate(zip(schedule, stage_ms, strict=True), start=1)]
              for i in range(B)]
     return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None, text_ms, decode_ms,

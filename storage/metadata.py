@@ -18,6 +18,9 @@ STAGE_TYPE = pa.struct(
         ("tokens", pa.int32()),
         ("kept", pa.int32()),
         ("latency_ms", pa.float64()),
+        # FastVAR (speedups.fastvar): tokens each of its pruned sub-layers left out, and in how many blocks
+        ("pruned", pa.int32()),
+        ("pruned_blocks", pa.int32()),
     ]
 )
 

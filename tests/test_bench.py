@@ -8,8 +8,8 @@ import pytest
 
 from workflows.bench import main, median_round, steady_window
 
-REQUIRED = {"mode", "normalize", "tau", "batch_size", "latency_ms_median", "speedup", "flops_ratio", "efficiency",
-            "kept_ratio", "sparsevar_overhead_ms"}
+REQUIRED = {"setting", "mode", "normalize", "tau", "batch_size", "latency_ms_median", "speedup", "flops_ratio",
+            "efficiency", "kept_ratio", "sparsevar_overhead_ms"}
 
 
 def test_steady_window_starts_when_the_warm_up_images_are_stored():
@@ -31,16 +31,25 @@ def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["--config", "configs/bench-cpu.yaml", "--out", str(out), "--batch-sizes", "1", "2", "--taus", "0.6",
                  "--kept", "0.5", "--repeats", "1", "--pipeline-prompts", "12", "--pipeline-rounds", "1",
-                 "--set", "model.patch_sizes=[1,2,3,4,6,8,12,16]", "--set", "sparsevar.start_stage=6"]) == 0
+                 "--set", "model.patch_sizes=[1,2,3,4,6,8,12,16]", "--set", "sparsevar.start_stage=6",
+                 "--speedups"]) == 0
     report = json.loads((out / "bench.json").read_text())
     rows = report["rows"]
     settings = [("dense", None, None), ("sparse", "minmax", 0.6), ("sparse", "quantile", 0.5)]
-    assert [(r["batch_size"], r["mode"], r["normalize"], r["tau"]) for r in rows] == [
-        (b, *s) for b in (1, 2) for s in settings]
+    for b in (1, 2):
+        first = [(r["mode"], r["normalize"], r["tau"]) for r in rows if r["batch_size"] == b][:3]
+        assert first == settings
+    labels = [r["setting"] for r in rows if r["batch_size"] == 1]
+    assert labels[:3] == ["dense", "minmax τ=0.6", "quantile τ=0.5"] and len(labels) == 11
+    assert "FastVAR, HART-0.7B's shape" in labels and "minmax τ=0.6, last 2 skipped" in labels
+    skipped = next(r for r in rows if r["setting"] == "dense, last 2 skipped")
+    assert [s["kept_ratio"] for s in skipped["stages"][-2:]] == [0.0, 0.0] and skipped["flops_ratio"] > 1
     for row in rows:
         assert REQUIRED <= row.keys()
         assert row["efficiency"] == pytest.approx(row["speedup"] / row["flops_ratio"])
-        assert (row["mode"] == "dense") == (row["kept_ratio"] == 1.0 == row["flops_ratio"])
+        assert (row["setting"] == "dense") == (row["flops_ratio"] == 1.0)  # FastVAR counts through `pruned`
+        if row["setting"] in ("dense", "minmax τ=0.6", "quantile τ=0.5"):  # kept: SparseVAR's, from stage P
+            assert (row["setting"] == "dense") == (row["kept_ratio"] == 1.0)
         assert row["sparsevar_overhead_ms"] >= 0 and (row["mode"] == "dense") == (row["sparsevar_overhead_ms"] == 0)
     pipeline = report["pipeline"]
     assert pipeline["bare_images_per_sec"] > 0 and pipeline["ray_images_per_sec"] > 0

@@ -198,6 +198,7 @@ def test_fastvar_prunes_the_sub_layers_it_names_and_restores_from_the_cache_stag
     pruned = generate(backend, REQUESTS, dense, fastvar)
     assert pixels(pruned) != pixels(plain)
     assert [s.kept for s in pruned[0].stages] == [s.kept for s in plain[0].stages]  # FastVAR works inside blocks
+    assert [(s.pruned, s.pruned_blocks) for s in pruned[0].stages][4:7] == [(0, 0), (25, 2), (72, 2)]
     lengths = [cache.length for cache in backend.last_state.caches]
     grid = sum(h * w for h, w in backend.schedule(1.0))
     kept_6, kept_7 = 64 - int(64 * 0.4), 144 - int(144 * 0.5)  # stages 6 and 7 are 8x8 and 12x12

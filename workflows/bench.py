@@ -24,11 +24,12 @@ import torch
 from actors.config import JobConfig
 from sparsevar.backend import Backend
 from sparsevar.backends import build_backend
-from sparsevar.config import SparseVARConfig
+from sparsevar.config import SparseVARConfig, SpeedupConfig
 from sparsevar.demo.scenes import held_out_captions
 from sparsevar.demo.yardstick import Judge, demo_judge
+from sparsevar.fastvar import released_shapes
 from sparsevar.flops import flops_ratio
-from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate
+from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate
 from storage.checkpoints import localize_checkpoints
 from storage.metadata import read_metadata
 from workflows.config import ConfigError, load_config
@@ -40,14 +41,18 @@ def requests(n: int, offset: int = 0) -> list[Request]:
     return [Request(PROMPTS[(offset + i) % len(PROMPTS)], seed=offset + i) for i in range(n)]
 
 
-def timed_runs(backend: Backend, batch: list[Request], svs: list[SparseVARConfig],
+Setting = tuple[str, SparseVARConfig, SpeedupConfig]  # label, SparseVAR, the other speed-ups
+
+
+def timed_runs(backend: Backend, batch: list[Request], settings: list[Setting],
                repeats: int) -> list[list[list[ImageResult]]]:
     """Each setting's runs, interleaved: one warm-up run of every setting, then `repeats` rounds that run every
     setting once, so that a drift in the machine's speed (a shared CPU) hits every setting alike."""
-    for sv in svs:
-        generate(backend, batch, sv, profile=True)
-    rounds = [[generate(backend, batch, sv, profile=True) for sv in svs] for _ in range(repeats)]
-    return [[one_round[i] for one_round in rounds] for i in range(len(svs))]
+    for _, sv, speedups in settings:
+        generate(backend, batch, sv, speedups, profile=True)
+    rounds = [[generate(backend, batch, sv, speedups, profile=True) for _, sv, speedups in settings]
+              for _ in range(repeats)]
+    return [[one_round[i] for one_round in rounds] for i in range(len(settings))]
 
 
 def summarise(backend: Backend, batch: list[Request], sv: SparseVARConfig, runs: list[list[ImageResult]],
@@ -79,11 +84,28 @@ def summarise(backend: Backend, batch: list[Request], sv: SparseVARConfig, runs:
     }
 
 
-def settings(sv: SparseVARConfig, taus: list[float], kept: list[float]) -> list[SparseVARConfig]:
-    """Dense, min-max at each τ, and quantile at each kept fraction (τ = the fraction left out)."""
-    out = [sv.model_copy(update={"enabled": False})]
-    out += [sv.model_copy(update={"enabled": True, "normalize": "minmax", "tau": t}) for t in taus]
-    out += [sv.model_copy(update={"enabled": True, "normalize": "quantile", "tau": round(1 - k, 6)}) for k in kept]
+def settings(sv: SparseVARConfig, taus: list[float], kept: list[float], speedups: bool = False,
+             stages: int = 0, depth: int = 0) -> list[Setting]:
+    """Dense, min-max at each τ, and quantile at each kept fraction (τ = the fraction left out); with `speedups`,
+    the other speed-ups too (the last one or two stages skipped; FastVAR in its released shapes, carried over to
+    `stages` and `depth`), alone and with the config's SparseVAR where they compose."""
+    none = NO_SPEEDUPS
+    dense, on = sv.model_copy(update={"enabled": False}), sv.model_copy(update={"enabled": True})
+    out: list[Setting] = [("dense", dense, none)]
+    out += [(f"minmax τ={t}", on.model_copy(update={"normalize": "minmax", "tau": t}), none) for t in taus]
+    out += [(f"quantile τ={round(1 - k, 6)}", on.model_copy(update={"normalize": "quantile", "tau": round(1 - k, 6)}),
+             none) for k in kept]
+    if speedups:
+        infinity_shape, hart_shape = released_shapes(stages, depth)
+        prune_only = infinity_shape.model_copy(update={"skip_last_stages": 0})
+        for k in (1, 2):
+            out += [(f"dense, last {k} skipped", dense, SpeedupConfig(skip_last_stages=k)),
+                    (f"{on.normalize} τ={on.tau}, last {k} skipped", on, SpeedupConfig(skip_last_stages=k))]
+        out += [("FastVAR, Infinity-2B's shape", dense, infinity_shape),
+                ("FastVAR, Infinity-2B's shape without the skip", dense, prune_only),
+                ("FastVAR, HART-0.7B's shape", dense, hart_shape)]
+        if on.start_stage > prune_only.fastvar.cache_stage:
+            out += [(f"{on.normalize} τ={on.tau} + FastVAR, Infinity-2B's shape without the skip", on, prune_only)]
     return out
 
 
@@ -94,24 +116,25 @@ def actor_like_backend(cfg: JobConfig) -> Backend:
 
 
 def bench_loop(cfg: JobConfig, batch_sizes: list[int], taus: list[float], kept: list[float],
-               repeats: int) -> list[dict[str, Any]]:
+               repeats: int, speedups: bool = False) -> list[dict[str, Any]]:
     backend = actor_like_backend(cfg)
     judge = demo_judge(cfg.model)
     rows = []
-    svs = settings(cfg.sparsevar, taus, kept)  # dense first
+    rows_of = settings(cfg.sparsevar, taus, kept, speedups, len(backend.schedule(1.0)), backend.depth)  # dense first
     for B in batch_sizes:
         batch = requests(B)
-        per_setting = timed_runs(backend, batch, svs, repeats)
-        for sv, runs in zip(svs, per_setting, strict=True):
-            row = {"mode": "sparse" if sv.enabled else "dense", "normalize": sv.normalize if sv.enabled else None,
-                   "tau": sv.tau if sv.enabled else None, "batch_size": B,
+        per_setting = timed_runs(backend, batch, rows_of, repeats)
+        for (label, sv, _), runs in zip(rows_of, per_setting, strict=True):
+            row = {"setting": label, "mode": "sparse" if sv.enabled else "dense",
+                   "normalize": sv.normalize if sv.enabled else None, "tau": sv.tau if sv.enabled else None,
+                   "batch_size": B,
                    **summarise(backend, batch, sv, runs, judge)}
             # the median of each round's ratio: a round's runs are close in time
             row["speedup"] = statistics.median(dense[0].latency_ms / run[0].latency_ms
                                                for dense, run in zip(per_setting[0], runs, strict=True))
             row["efficiency"] = row["speedup"] / row["flops_ratio"]
             rows.append(row)
-            print(f"B={B} {row['mode']:6} {row['normalize'] or '':8} tau={row['tau']} "
+            print(f"B={B} {label:40} "
                   f"{row['latency_ms_median']:.0f} ms/img speedup {row['speedup']:.2f} "
                   f"ideal {row['flops_ratio']:.2f} eff {row['efficiency']:.2f}", flush=True)
     return rows
@@ -230,12 +253,11 @@ def bench_pipeline(cfg: JobConfig, out: Path, prompts: int, rounds: int) -> dict
 
 def write_report(out: Path, rows: list[dict[str, Any]], pipeline: dict[str, Any] | None, command: str) -> None:
     (out / "bench.json").write_text(json.dumps({"command": command, "rows": rows, "pipeline": pipeline}, indent=2))
-    lines = [f"`{command}`", "", "| batch | mode | normalize | τ | ms/image | speed-up | FLOPs ratio | efficiency |"
-             " kept (≥P) | overhead ms | yardstick |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"`{command}`", "", "| batch | setting | ms/image | speed-up | FLOPs ratio | efficiency |"
+             " kept (≥P) | overhead ms | yardstick |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tau = "" if r["tau"] is None else r["tau"]
         yardstick = "–" if r["yardstick"] is None else f"{r['yardstick']:.3f}"
-        lines.append(f"| {r['batch_size']} | {r['mode']} | {r['normalize'] or ''} | {tau}"
+        lines.append(f"| {r['batch_size']} | {r['setting']}"
                      f" | {r['latency_ms_median']:.1f} | {r['speedup']:.2f} | {r['flops_ratio']:.2f} | "
                      f"{r['efficiency']:.2f} | {r['kept_ratio']:.3f} | {r['sparsevar_overhead_ms']:.2f} | "
                      f"{yardstick} |")
@@ -272,8 +294,7 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> None:
     width = 0.8 / len(shown)
     for j, r in enumerate(shown):
         xs = [s["stage"] + j * width for s in r["stages"]]
-        label = "dense" if r["mode"] == "dense" else f"{r['normalize']} τ={r['tau']}"
-        ax.bar(xs, [s["latency_ms"] for s in r["stages"]], width=width, label=label)
+        ax.bar(xs, [s["latency_ms"] for s in r["stages"]], width=width, label=r["setting"])
     ax.set(xlabel="stage", ylabel="ms per image", title=f"per-stage latency, batch {rows[0]['batch_size']}")
     ax.legend(fontsize=7)
     fig.savefig(out / "stages.png", dpi=120, bbox_inches="tight")
@@ -295,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pipeline jobs (an odd number), each between two bare loops; the figures are the "
                         "median round's")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Ray pipeline comparison")
+    parser.add_argument("--speedups", action="store_true", help="also time the other speed-ups (last stages "
+                        "skipped, FastVAR in its released shapes), alone and with SparseVAR (docs/accelerations.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
@@ -309,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = bench_loop(cfg, args.batch_sizes, args.taus, args.kept, args.repeats)
+    rows = bench_loop(cfg, args.batch_sizes, args.taus, args.kept, args.repeats, args.speedups)
     pipeline = None
     if not args.no_pipeline:
         pipeline = bench_pipeline(cfg, out, args.pipeline_prompts, args.pipeline_rounds)

@@ -22,6 +22,7 @@ from sparsevar.calibration import psnr_db
 from sparsevar.config import SparseVARConfig, SpeedupConfig
 from sparsevar.demo.scenes import held_out
 from sparsevar.demo.yardstick import Yardstick, load_yardstick, pixels
+from sparsevar.fastvar import released_shapes
 from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate
 from workflows.config import ConfigError, load_config
 
@@ -44,6 +45,14 @@ def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, st
         skip = SpeedupConfig(skip_last_stages=k)
         measured += [("speedups", f"dense, last {k} skipped", dense, skip),
                      ("speedups", f"τ={sv.tau}, last {k} skipped", on, skip)]
+    infinity_shape, hart_shape = released_shapes(stages, depth)
+    prune_only = infinity_shape.model_copy(update={"skip_last_stages": 0})
+    measured += [("speedups", "FastVAR, Infinity-2B's shape", dense, infinity_shape),
+                 ("speedups", "FastVAR, Infinity-2B's shape without the skip", dense, prune_only),
+                 ("speedups", "FastVAR, HART-0.7B's shape", dense, hart_shape)]
+    if on.start_stage > prune_only.fastvar.cache_stage:  # FastVAR restores from a stage SparseVAR leaves whole
+        measured += [("speedups", f"τ={sv.tau} + FastVAR, Infinity-2B's shape without the skip", on, prune_only),
+                     ("speedups", f"τ={sv.tau} + FastVAR, Infinity-2B's shape", on, infinity_shape)]
     return measured
 
 
