@@ -116,6 +116,16 @@ def test_job_writes_one_image_and_one_metadata_row_per_prompt(base_run, fast_ove
     record = json.loads((output / "run.json").read_text())
     started, finished = (datetime.fromisoformat(record[k]) for k in ("started", "finished"))
     assert all(started < row["written_at"] < finished for row in rows.values())
+    lines = {json.loads(line)["id"]: n for n, line in enumerate(SAMPLE.read_text().splitlines(), 1) if line.strip()}
+    for pid, row in rows.items():  # how each row was made
+        assert (row["cfg"], row["temperature"], row["top_k"], row["top_p"]) == (
+            cfg.sampling.cfg, cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p)
+        sample = next(r for r in SAMPLE_ROWS if r["id"] == pid)
+        assert row["negative_prompt"] == sample.get("negative_prompt")
+        assert row["h_div_w"] == sample.get("h_div_w", 1.0)
+        assert row["weights_fingerprint"] is None  # tiny-random: random weights, no files
+        assert row["source_row"] == lines[pid]
+        assert row["run_id"] == record["run_id"]
 
 
 def test_rerun_of_the_same_config_gives_identical_images(base_run, ray_cluster, fast_overrides, tmp_path):
@@ -334,7 +344,7 @@ def test_an_actor_that_cannot_start_stops_the_job_with_its_reason(ray_cluster, f
     reason = f"tiny model weights not found: {missing}; fix model.weights or remove it"
     assert f"error: the job stopped: FileNotFoundError: {reason}" in capsys.readouterr().err
     record = json.loads((output / "run.json").read_text())
-    assert record["status"] == "stopped" and reason in record["error"]
+    assert record["status"] == "failed" and reason in record["error"]
 
 
 def test_an_actor_no_node_can_hold_is_refused_on_a_cluster_started_here(ray_cluster):
