@@ -202,6 +202,8 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     stdout = capsys.readouterr().out
     assert "images written: 2" in stdout
     assert "rows failed: 3" in stdout
+    for line in (2, 3, 4):  # every failed row is listed with its line in the prompt file
+        assert f"  row {line} of the prompt file" in stdout
 
     rows = read_metadata(str(output)).to_pylist()
     assert len(rows) == 5
@@ -226,8 +228,21 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     assert bad_json["error"].startswith("invalid JSON")
     assert "no closing quote" in bad_json["error"], "the message quotes the line"
 
+    assert sorted(r["source_row"] for r in errors) == [2, 3, 4]
+    before = json.loads((output / "run.json").read_text())
+    assert (before["images"], before["failed"]) == (2, 3)
+    assert sorted(r["source_row"] for r in before["failed_rows"]) == [2, 3, 4]
+
     # A rerun has nothing to do: the images and the input errors already recorded are skipped, and counted apart.
     assert run_job(prompts, output, fast_overrides) == EXIT_OK
+    # it has its own record, and the dataset's summary keeps its counts
+    runs = {path.stem: json.loads(path.read_text()) for path in (output / "runs").glob("*.json")}
+    after = json.loads((output / "run.json").read_text())
+    assert len(runs) == 2 and runs[after["run_id"]]["images"] == 0 and runs[after["run_id"]]["status"] == "ok"
+    assert runs[before["run_id"]]["images"] == 2 and runs[before["run_id"]]["failed"] == 3
+    assert (after["images"], after["failed"], after["images_per_sec"]) == (2, 3, before["images_per_sec"])
+    assert [r["run_id"] for r in after["runs"]] == [before["run_id"], after["run_id"]]
+    assert after["started"] == before["started"] and after["finished"] > before["finished"]
     stdout = capsys.readouterr().out
     assert "images written: 0" in stdout and "rows failed: 0" in stdout
     assert "already in the output (skipped): 2" in stdout

@@ -274,12 +274,14 @@ def commit_batches(dataset: ray.data.Dataset, output: str, endpoint: str | None,
     came back since the last write. Ray Data's own progress bars give way to the job's one display."""
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
-        for n, rows in enumerate(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
+        for n, rows in enumerate(batches):
             lease.check()
             write_metadata_file(output, f"{prefix}-{n:06d}.parquet", rows, endpoint)
             progress.update(rows)
     finally:
+        batches.close()  # on an interrupt, stops the pipeline and its actors now, not when collected
         context.enable_progress_bars = bars
 
 
