@@ -25,10 +25,10 @@ import torch
 
 from actors.calibration import controller_for
 from actors.config import JobConfig
-from sparsevar.backends import build_backend
+from sparsevar.backends import build_backend, weight_files
 from sparsevar.config import SparseVARConfig
 from sparsevar.generate import ImageResult, Request, generate
-from storage.checkpoints import localize_checkpoints
+from storage.checkpoints import fingerprint, localize_checkpoints
 from storage.images import EXTENSIONS, ImageWriter, encode_image
 from storage.metadata import metadata_table
 from storage.shards import ShardWriter, member_uri, sample_key
@@ -40,13 +40,17 @@ Store = Callable[[dict[str, Any], ImageResult, float | None], dict[str, Any]]
 
 
 class Generator:
-    def __init__(self, config: dict[str, Any], output: str) -> None:
+    def __init__(self, config: dict[str, Any], output: str, run_id: str | None = None) -> None:
         self.cfg = JobConfig.model_validate(config)
         # checked local paths; s3:// fetched once per node
         self.cfg.model = localize_checkpoints(self.cfg.model, endpoint_url=self.cfg.storage.endpoint_url)
         torch.set_num_threads(max(1, int(self.cfg.ray.num_cpus_per_actor)))
         self.backend = build_backend(self.cfg.model, self.cfg.sampling, self.cfg.runtime.device,
                                      self.cfg.runtime.dtype)
+        self.run_id = run_id
+        # every row says which weights made it; hashed once per actor (after the backend loaded them, so a missing
+        # file gets the backend's message), cheaply: storage.checkpoints.fingerprint
+        self.weights_fingerprint = fingerprint(weight_files(self.cfg.model))
         self.writer = ImageWriter(output, self.cfg.output.image_format, self.cfg.output.quality,
                                   self.cfg.storage.endpoint_url)
         self.output = output
@@ -187,5 +191,10 @@ class Generator:
         return {**self._base_row(row, tau), "status": "error", "error": message}
 
     def _base_row(self, row: dict[str, Any], tau: float | None) -> dict[str, Any]:
+        """The fields every row has, error rows too: what was asked for and how it was (or would be) made."""
+        sampling = self.cfg.sampling
         return {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "seed": row["seed"],
-                "model": self.backend.name, "tau": tau}
+                "model": self.backend.name, "tau": tau, "cfg": sampling.cfg, "temperature": sampling.temperature,
+                "top_k": sampling.top_k, "top_p": sampling.top_p, "negative_prompt": row.get("negative_prompt"),
+                "h_div_w": row.get("h_div_w") or 1.0, "weights_fingerprint": self.weights_fingerprint,
+                "source_row": row.get("source_row"), "run_id": self.run_id}

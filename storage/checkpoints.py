@@ -26,6 +26,8 @@ from storage.s3 import TRANSFER, client, split_uri
 
 DEFAULT_CACHE = "~/.cache/sparsevar/checkpoints"
 _CHUNK = 16 * 1024 * 1024
+FINGERPRINT_WHOLE = 64 * 1024 * 1024  # files up to this size are hashed whole; larger ones by their ends
+FINGERPRINT_END = 1024 * 1024
 T = TypeVar("T")
 
 
@@ -43,6 +45,31 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fingerprint(paths: list[str]) -> str | None:
+    """A short sha256 that tells weight files apart, for each metadata row's provenance (None: no files, as for
+    random weights). It covers each file's name (within its folder), size and content: whole up to 64 MiB, else its
+    first and last MiB, so a multi-GB checkpoint costs 2 MiB of reading, and the same files give the same value on
+    every node (modification times, which differ between downloads, are left out)."""
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for root in map(Path, paths):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            size = path.stat().st_size
+            name = path.relative_to(root).as_posix() if root.is_dir() else path.name
+            digest.update(f"{name}\0{size}\0".encode())
+            with open(path, "rb") as f:
+                if size <= FINGERPRINT_WHOLE:
+                    while chunk := f.read(_CHUNK):
+                        digest.update(chunk)
+                else:
+                    digest.update(f.read(FINGERPRINT_END))
+                    f.seek(size - FINGERPRINT_END)
+                    digest.update(f.read(FINGERPRINT_END))
+    return digest.hexdigest()[:16]
 
 
 @contextmanager

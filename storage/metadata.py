@@ -6,6 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyarrow import fs
 
 from storage.uris import join, resolve
@@ -52,6 +53,19 @@ METADATA_SCHEMA = pa.schema(
         # with output.save_masks: per stage, which tokens ran (np.packbits of the row-major h×w mask); an entry is
         # null where every token ran; the column is null when masks were not saved
         ("keep_masks", pa.list_(pa.binary())),
+        # how the row was made (null in files written before these columns): the sampling settings, the negative
+        # prompt and aspect ratio asked for (h_div_w: 1.0 when the prompt gave none), a fingerprint of the weights
+        # (storage.checkpoints.fingerprint; null for random weights), the prompt's line or row in its file (from 1)
+        # and the run that wrote the row (its record is runs/<run_id>.json)
+        ("cfg", pa.float64()),
+        ("temperature", pa.float64()),
+        ("top_k", pa.int32()),
+        ("top_p", pa.float64()),
+        ("negative_prompt", pa.string()),
+        ("h_div_w", pa.float64()),
+        ("weights_fingerprint", pa.string()),
+        ("source_row", pa.int64()),
+        ("run_id", pa.string()),
     ]
 )
 
@@ -72,6 +86,18 @@ def metadata_table(rows: list[dict[str, Any]]) -> pa.Table:
         if row["status"] not in STATUSES:
             raise ValueError(f"metadata status must be one of {STATUSES}, got {row['status']!r}")
     return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
+def write_metadata_file(output_uri: str, name: str, table: pa.Table, endpoint_url: str | None = None) -> str:
+    """Write one batch's rows as ``{output_uri}/metadata/<name>`` (METADATA_SCHEMA); returns its path. A write cut
+    off by a crash leaves a file that the next run quarantines (workflows.resume), its images generated again."""
+    filesystem, root = resolve(output_uri, endpoint_url)
+    folder = join(root, METADATA_DIR)
+    if isinstance(filesystem, fs.LocalFileSystem):  # object stores have no folders to make
+        filesystem.create_dir(folder, recursive=True)
+    path = join(folder, name)
+    pq.write_table(table.cast(METADATA_SCHEMA), path, filesystem=filesystem)
+    return path
 
 
 def read_metadata(output_uri: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:

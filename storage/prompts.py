@@ -23,6 +23,9 @@ PROMPT_SCHEMA = pa.schema(
         ("negative_prompt", pa.string()),
         ("h_div_w", pa.float64()),
         ("error", pa.string()),
+        # where the row is in its file, from 1: the line (JSONL, text) or data row (CSV, Parquet). The normalizers
+        # number the lines they are given; workflows.prompts makes that the file's numbering.
+        ("source_row", pa.int64()),
     ]
 )
 
@@ -75,7 +78,7 @@ def default_id(prompt: str) -> str:
 def normalize_jsonl_lines(lines: list[str]) -> pa.Table:
     """Parse JSON-object lines such as ``{"id": "cat", "prompt": "a cat", "seed": 7}``."""
     rows = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         source = line.strip().removeprefix(BOM)
         if not source:
             continue
@@ -83,13 +86,14 @@ def normalize_jsonl_lines(lines: list[str]) -> pa.Table:
             record = json.loads(source)
         except (ValueError, RecursionError) as exc:
             detail = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
-            rows.append(_error_row(source, "line text", [(f"invalid JSON: {detail}", _JSON_FIX)]))
-            continue
-        if not isinstance(record, dict):
-            problem = f"line holds {_json_type(record)}, not a JSON object"
-            rows.append(_error_row(source, "line text", [(problem, _JSON_FIX)]))
-            continue
-        rows.append(_row_from_record(record, source, "line text"))
+            row = _error_row(source, "line text", [(f"invalid JSON: {detail}", _JSON_FIX)])
+        else:
+            if isinstance(record, dict):
+                row = _row_from_record(record, source, "line text")
+            else:
+                problem = f"line holds {_json_type(record)}, not a JSON object"
+                row = _error_row(source, "line text", [(problem, _JSON_FIX)])
+        rows.append({**row, "source_row": number})
     return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
 
 
@@ -102,16 +106,17 @@ def normalize_records(table: pa.Table) -> pa.Table:
         )
     present = [name for name in RECORD_FIELDS if name in table.column_names]
     rows = []
-    for record in table.select(present).to_pylist():
+    for number, record in enumerate(table.select(present).to_pylist(), 1):
         source = json.dumps(record, ensure_ascii=False, default=str)
-        rows.append(_row_from_record(record, source, "row"))
+        rows.append({**_row_from_record(record, source, "row"), "source_row": number})
     return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
 
 
 def normalize_text_lines(lines: list[str]) -> pa.Table:
     """Read one prompt per non-blank line; ids and seeds are derived from the text."""
     lines = [line.removeprefix(BOM) for line in lines]
-    rows = [_row_from_record({"prompt": line}, line.strip(), "line text") for line in lines if line.strip()]
+    rows = [{**_row_from_record({"prompt": line}, line.strip(), "line text"), "source_row": number}
+            for number, line in enumerate(lines, 1) if line.strip()]
     return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
 
 

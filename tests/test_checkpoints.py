@@ -66,3 +66,35 @@ def test_localize_checkpoints_resolves_every_checkpoint_field(s3_endpoint, tmp_p
     assert local.transformer.endswith("models/infinity_2b_reg.pth") and not local.transformer.startswith("s3:")
     assert local.text_encoder.endswith("models/flan-t5-xl") and local.dim == cfg.dim
     assert localize_checkpoints("not a config") == "not a config"
+
+
+def test_fingerprint_tells_weights_apart_by_name_size_and_content_and_ignores_mtimes(tmp_path, monkeypatch):
+    import os
+
+    from sparsevar.backends import weight_files
+    from sparsevar.backends.tiny.config import TinyConfig
+    from storage import checkpoints
+
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "ema_model.bin").write_bytes(DATA)
+    first = checkpoints.fingerprint([str(folder)])
+    os.utime(folder / "ema_model.bin", (1, 1))  # a fresh download on another node: same files, other times
+    assert checkpoints.fingerprint([str(folder)]) == first
+    (folder / "ema_model.bin").write_bytes(DATA[:-1] + b"X")
+    assert checkpoints.fingerprint([str(folder)]) not in (first, None)
+    assert checkpoints.fingerprint([]) is None  # random weights have no files
+    demo = weight_files(TinyConfig(backend="tiny", weights="demo"))
+    assert len(demo) == 1 and checkpoints.fingerprint(demo) == checkpoints.fingerprint(demo)
+    assert weight_files(TinyConfig(backend="tiny")) == []
+    # a large file is read at its ends only: a change in its middle goes unseen, one at an end does not
+    monkeypatch.setattr(checkpoints, "FINGERPRINT_WHOLE", 100)
+    monkeypatch.setattr(checkpoints, "FINGERPRINT_END", 10)
+    big = tmp_path / "big.pth"
+    big.write_bytes(bytes(1000))
+    whole = checkpoints.fingerprint([str(big)])
+    big.write_bytes(bytes(500) + b"x" + bytes(499))
+    assert checkpoints.fingerprint([str(big)]) == whole
+    big.write_bytes(bytes(999) + b"x")
+    assert checkpoints.fingerprint([str(big)]) != whole

@@ -116,6 +116,16 @@ def test_job_writes_one_image_and_one_metadata_row_per_prompt(base_run, fast_ove
     record = json.loads((output / "run.json").read_text())
     started, finished = (datetime.fromisoformat(record[k]) for k in ("started", "finished"))
     assert all(started < row["written_at"] < finished for row in rows.values())
+    lines = {json.loads(line)["id"]: n for n, line in enumerate(SAMPLE.read_text().splitlines(), 1) if line.strip()}
+    for pid, row in rows.items():  # how each row was made
+        assert (row["cfg"], row["temperature"], row["top_k"], row["top_p"]) == (
+            cfg.sampling.cfg, cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p)
+        sample = next(r for r in SAMPLE_ROWS if r["id"] == pid)
+        assert row["negative_prompt"] == sample.get("negative_prompt")
+        assert row["h_div_w"] == sample.get("h_div_w", 1.0)
+        assert row["weights_fingerprint"] is None  # tiny-random: random weights, no files
+        assert row["source_row"] == lines[pid]
+        assert row["run_id"] == record["run_id"]
 
 
 def test_rerun_of_the_same_config_gives_identical_images(base_run, ray_cluster, fast_overrides, tmp_path):
@@ -192,6 +202,8 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     stdout = capsys.readouterr().out
     assert "images written: 2" in stdout
     assert "rows failed: 3" in stdout
+    for line in (2, 3, 4):  # every failed row is listed with its line in the prompt file
+        assert f"  row {line} of the prompt file" in stdout
 
     rows = read_metadata(str(output)).to_pylist()
     assert len(rows) == 5
@@ -216,8 +228,21 @@ def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster,
     assert bad_json["error"].startswith("invalid JSON")
     assert "no closing quote" in bad_json["error"], "the message quotes the line"
 
+    assert sorted(r["source_row"] for r in errors) == [2, 3, 4]
+    before = json.loads((output / "run.json").read_text())
+    assert (before["images"], before["failed"]) == (2, 3)
+    assert sorted(r["source_row"] for r in before["failed_rows"]) == [2, 3, 4]
+
     # A rerun has nothing to do: the images and the input errors already recorded are skipped, and counted apart.
     assert run_job(prompts, output, fast_overrides) == EXIT_OK
+    # it has its own record, and the dataset's summary keeps its counts
+    runs = {path.stem: json.loads(path.read_text()) for path in (output / "runs").glob("*.json")}
+    after = json.loads((output / "run.json").read_text())
+    assert len(runs) == 2 and runs[after["run_id"]]["images"] == 0 and runs[after["run_id"]]["status"] == "ok"
+    assert runs[before["run_id"]]["images"] == 2 and runs[before["run_id"]]["failed"] == 3
+    assert (after["images"], after["failed"], after["images_per_sec"]) == (2, 3, before["images_per_sec"])
+    assert [r["run_id"] for r in after["runs"]] == [before["run_id"], after["run_id"]]
+    assert after["started"] == before["started"] and after["finished"] > before["finished"]
     stdout = capsys.readouterr().out
     assert "images written: 0" in stdout and "rows failed: 0" in stdout
     assert "already in the output (skipped): 2" in stdout
@@ -334,7 +359,7 @@ def test_an_actor_that_cannot_start_stops_the_job_with_its_reason(ray_cluster, f
     reason = f"tiny model weights not found: {missing}; fix model.weights or remove it"
     assert f"error: the job stopped: FileNotFoundError: {reason}" in capsys.readouterr().err
     record = json.loads((output / "run.json").read_text())
-    assert record["status"] == "stopped" and reason in record["error"]
+    assert record["status"] == "failed" and reason in record["error"]
 
 
 def test_an_actor_no_node_can_hold_is_refused_on_a_cluster_started_here(ray_cluster):

@@ -61,3 +61,20 @@ def test_first_non_utf8_byte_is_found_across_chunks(tmp_path, data, chunk, where
     path = tmp_path / "prompts.txt"
     path.write_bytes(data)
     assert first_non_utf8(fs.LocalFileSystem(), str(path), chunk) == where
+
+
+def test_rows_carry_their_line_or_row_number_across_batches_blank_lines_counted(tmp_path, ray_cluster):
+    from workflows.prompts import VALIDATION_ROWS
+
+    lines = [json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) if i % 3 else "" for i in range(VALIDATION_ROWS + 50)]
+    lines[7] = "{not json"
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    table = read_prompt_table(str(path))
+    wanted = [i + 1 for i, line in enumerate(lines) if line]  # lines from 1; blank ones hold no row
+    assert table["source_row"].to_pylist() == wanted
+    assert table.filter(pa.compute.is_valid(table["error"]))["source_row"].to_pylist() == [8]
+    assert read_prompt_table(str(path), limit=4)["source_row"].to_pylist() == wanted[:4]
+    csv = tmp_path / "rows.csv"
+    csv.write_text("prompt\na red circle\n\"a blue\nsquare\"\na green triangle\n")
+    assert read_prompt_table(str(csv))["source_row"].to_pylist() == [1, 2, 3]  # data rows, not lines

@@ -83,7 +83,8 @@ def test_jsonl_valid_rows():
     ]
     rows = normalize_jsonl_lines(lines).to_pylist()
     assert rows == [
-        {"prompt_id": "cat", "prompt": "a cat", "seed": 7, "negative_prompt": "blurry", "h_div_w": None, "error": None},
+        {"prompt_id": "cat", "prompt": "a cat", "seed": 7, "negative_prompt": "blurry", "h_div_w": None, "error": None,
+         "source_row": 1},
         {
             "prompt_id": default_id("a dog"),
             "prompt": "a dog",
@@ -91,8 +92,10 @@ def test_jsonl_valid_rows():
             "negative_prompt": None,
             "h_div_w": None,
             "error": None,
+            "source_row": 4,
         },
-        {"prompt_id": "12", "prompt": "a cow", "seed": 42, "negative_prompt": None, "h_div_w": None, "error": None},
+        {"prompt_id": "12", "prompt": "a cow", "seed": 42, "negative_prompt": None, "h_div_w": None, "error": None,
+         "source_row": 5},
         {
             "prompt_id": default_id("a fox"),
             "prompt": "a fox",
@@ -100,6 +103,7 @@ def test_jsonl_valid_rows():
             "negative_prompt": None,
             "h_div_w": None,
             "error": None,
+            "source_row": 6,
         },
         {
             "prompt_id": default_id("max"),
@@ -108,6 +112,7 @@ def test_jsonl_valid_rows():
             "negative_prompt": None,
             "h_div_w": None,
             "error": None,
+            "source_row": 7,
         },
     ]
 
@@ -274,6 +279,7 @@ def test_csv_string_seeds_and_ids():
         "negative_prompt": None,
         "h_div_w": None,
         "error": None,
+        "source_row": 1,
     }
     assert rows[1]["error"].startswith('"seed" "oops" is not a whole number (row: ')
     assert rows[1]["negative_prompt"] == "dark"
@@ -297,7 +303,7 @@ def test_records_from_parquet_like_table():
     )
     rows = normalize_records(table).to_pylist()
     assert rows[0] == {"prompt_id": "c", "prompt": "a cat", "seed": 5, "negative_prompt": None, "h_div_w": None,
-                       "error": None}
+                       "error": None, "source_row": 1}
     assert rows[1]["error"].startswith('missing "prompt" (row: ')
     assert json.loads(rows[1]["error"].split("(row: '")[1].split("')")[0]) == {
         "prompt": None,
@@ -322,6 +328,7 @@ def test_text_lines():
     assert table.schema == PROMPT_SCHEMA
     rows = table.to_pylist()
     assert [row["prompt"] for row in rows] == ["a cat", '{"prompt": "literal"}']
+    assert [row["source_row"] for row in rows] == [1, 4]  # blank lines are counted, not kept
     assert rows[0] == {
         "prompt_id": default_id("a cat"),
         "prompt": "a cat",
@@ -329,6 +336,7 @@ def test_text_lines():
         "negative_prompt": None,
         "h_div_w": None,
         "error": None,
+        "source_row": 1,
     }
 
 

@@ -58,6 +58,10 @@ def test_prompts_images_and_metadata_on_s3_and_resume(ray_cluster, fast_override
     capsys.readouterr()
     assert main(argv) == 0
     assert "images written: 0" in capsys.readouterr().out
+    runs = {key: json.loads(body) for key, body in objects(bucket, "out/run1/runs/").items()}
+    assert sorted(run["images"] for run in runs.values()) == [0, 5]  # both invocations recorded, on S3
+    summary = json.loads(objects(bucket, "out/run1/run.json")["out/run1/run.json"])
+    assert summary["images"] == 5 and len(summary["runs"]) == 2  # not overwritten with the no-op's zeros
     assert pq.read_table(path, filesystem=filesystem).num_rows == 5
     assert {k: v for k, v in objects(bucket, "out/run1/images/").items() if k.endswith(".png")} == images
 

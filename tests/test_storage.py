@@ -268,6 +268,8 @@ def test_metadata_schema_field_order():
     assert METADATA_SCHEMA.names == [
         "prompt_id", "prompt", "seed", "model", "width", "height", "image_uri", "image_sha256",
         "tau", "latency_ms", "stages", "status", "error", "written_at", "shard", "sample_key", "image_bytes",
+        "cfg", "temperature", "top_k", "top_p", "negative_prompt", "h_div_w", "weights_fingerprint", "source_row",
+        "run_id",
     ]  # fmt: skip
     assert METADATA_SCHEMA.field("stages").type == pa.list_(STAGE_TYPE)
 
@@ -398,3 +400,23 @@ def test_imagefolder_index_of_no_images_removes_the_old_one(tmp_path):
     assert write_imagefolder_metadata(str(tmp_path), []) is None
     assert not Path(uri).exists()
     assert write_imagefolder_metadata(str(tmp_path), []) is None  # and nothing to remove is fine
+
+
+def test_metadata_from_before_the_provenance_columns_reads_them_as_null(tmp_path):
+    import pyarrow.parquet as pq
+
+    from storage.metadata import METADATA_SCHEMA, metadata_table, read_metadata, write_metadata_file
+
+    new = ["cfg", "temperature", "top_k", "top_p", "negative_prompt", "h_div_w", "weights_fingerprint", "source_row",
+           "run_id"]
+    old = metadata_table([{"prompt_id": "a", "prompt": "p", "seed": 1, "model": "tiny", "status": "ok"}])
+    old = old.drop_columns(new)
+    (tmp_path / "metadata").mkdir()
+    pq.write_table(old, tmp_path / "metadata" / "old.parquet")
+    write_metadata_file(str(tmp_path), "new.parquet", metadata_table([{"prompt_id": "b", "prompt": "p", "seed": 2,
+                        "model": "tiny", "status": "error", "error": "bad", "source_row": 7, "run_id": "r1"}]))
+    table = read_metadata(str(tmp_path))
+    assert table.schema == METADATA_SCHEMA
+    rows = {row["prompt_id"]: row for row in table.to_pylist()}
+    assert all(rows["a"][name] is None for name in new)
+    assert (rows["b"]["source_row"], rows["b"]["run_id"]) == (7, "r1")

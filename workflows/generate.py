@@ -11,7 +11,6 @@ start, a lost cluster) and 130 on Ctrl-C; what was written is kept, and the same
 import argparse
 import contextlib
 import logging
-import math
 import os
 import posixpath
 import sys
@@ -27,9 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
-from ray.data.datasource import FilenameProvider
 from ray.util.annotations import RayDeprecationWarning
 
 from actors.calibration import CalibrationError, controller_for
@@ -38,12 +35,13 @@ from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
 from storage.images import write_imagefolder_metadata
 from storage.lease import LeaseHeld, OutputLease
-from storage.metadata import METADATA_DIR, METADATA_SCHEMA, read_metadata
+from storage.metadata import read_metadata, write_metadata_file
 from storage.shards import remove_temp_files
-from storage.uris import join, resolve
+from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
 from workflows.config import ConfigError, load_config
-from workflows.prompts import IO_CPUS, check_prompts, read_prompt_table
+from workflows.progress import JobProgress
+from workflows.prompts import check_prompts, read_prompt_table
 from workflows.resume import (
     assign_shards,
     completed_keys,
@@ -55,7 +53,15 @@ from workflows.resume import (
     unrecord_images,
     unrecord_shards,
 )
-from workflows.run_record import versions, write_run_json
+from workflows.run_record import (
+    dataset_record,
+    failed_rows,
+    failed_rows_query,
+    read_runs,
+    versions,
+    write_run,
+    write_run_json,
+)
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_JOB_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -77,6 +83,8 @@ class Summary:
     skipped_errors: int = 0  # input errors (malformed rows) an earlier run recorded, not reported again
     restartable_pool: bool = False  # an actor pool with max_restarts > 0 ran: Ray logged ray#53727's line
     deduplicated: int = 0  # surplus rows of images recorded more than once, taken out
+    failed_rows: tuple[dict[str, Any], ...] = ()  # the first FAILED_SHOWN error rows (source_row, prompt_id, ...)
+    failed_query: str = ""  # a command that lists every failed row of the output
 
     @property
     def images_per_sec(self) -> float:
@@ -84,6 +92,12 @@ class Summary:
 
     def __str__(self) -> str:
         lines = [f"images written: {self.images}", f"rows failed: {self.failed}"]
+        for row in self.failed_rows:
+            where = f"row {row['source_row']}" if row["source_row"] is not None else "row ?"
+            lines.append(f"  {where} of the prompt file, id {row['prompt_id']!r} (seed {row['seed']}): {row['error']}")
+        if self.failed > len(self.failed_rows):
+            lines.append(f"  ... {self.failed - len(self.failed_rows)} more; list every failed row with: "
+                         f"{self.failed_query}")
         if self.skipped:
             lines.append(f"already in the output (skipped): {self.skipped}")
         if self.skipped_errors:
@@ -157,21 +171,28 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
         started_at = datetime.now(UTC)
         first: Plan | None = None
         restarts = cfg.ray.pipeline_restarts
-        for attempt in range(restarts + 1):
-            job = plan(cfg, prompts, output, limit, verify and attempt == 0)
-            if first is None:
-                first, started = job, time.perf_counter()  # images per second: from the first plan on
-            try:
-                return run_plan(cfg, prompts, output, job, first, lease, attempt, controller, started_at, started)
-            except Exception as exc:
-                if attempt == restarts or not lost_actors(exc):
-                    raise
-                delay = min(30.0, 2.0**attempt)
-                print(f"generation actors were lost ({root_cause(exc)}); the pipeline starts again in {delay:.0f} s "
-                      f"(restart {attempt + 1} of ray.pipeline_restarts={restarts}): what is recorded is kept and "
-                      "not recorded again (batches that were in flight are generated again)", file=sys.stderr,
-                      flush=True)
-                time.sleep(delay)
+        progress: JobProgress | None = None
+        try:
+            for attempt in range(restarts + 1):
+                job = plan(cfg, prompts, output, limit, verify and attempt == 0)
+                if first is None:
+                    first, started = job, time.perf_counter()  # images per second: from the first plan on
+                    progress = JobProgress(job.todo.num_rows)
+                try:
+                    return run_plan(cfg, prompts, output, job, first, lease, attempt, controller, started_at, started,
+                                    progress)
+                except Exception as exc:
+                    if attempt == restarts or not lost_actors(exc):
+                        raise
+                    delay = min(30.0, 2.0**attempt)
+                    print(f"generation actors were lost ({root_cause(exc)}); the pipeline starts again in {delay:.0f} "
+                          f"s (restart {attempt + 1} of ray.pipeline_restarts={restarts}): what is recorded is kept "
+                          "and not recorded again (batches that were in flight are generated again)", file=sys.stderr,
+                          flush=True)
+                    time.sleep(delay)
+        finally:
+            if progress is not None:
+                progress.close()
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
@@ -207,15 +228,16 @@ def output_lease(output: str, endpoint: str | None, run_id: str, ttl_s: float) -
 
 
 def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, lease: OutputLease, attempt: int,
-             controller: Any, started_at: datetime, started: float) -> Summary:
+             controller: Any, started_at: datetime, started: float, progress: JobProgress) -> Summary:
     """One attempt of `run`, the output's lease held (checked before each write to the metadata): take out what
     the plan says, generate, record. `first` is the first attempt's plan, whose counts (skipped, repaired) the
     summary gives; every attempt's rows count."""
     endpoint, run_id = cfg.storage.endpoint_url, lease.run_id
     lease.check()
-    filesystem, metadata_path = resolve(join(output, METADATA_DIR), endpoint)
     try:  # fails early, naming the output, when it is not writable
-        write_run_json(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat()}, endpoint)
+        write_run(output, {"run_id": run_id, "status": "running", "started": started_at.isoformat(),
+                           "prompts": prompts, "output": output, "config": cfg.model_dump(mode="json"),
+                           "versions": versions()}, endpoint)
     except OSError as exc:
         raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
                           "access)") from None
@@ -225,17 +247,13 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
         unrecord_duplicates(output, job.duplicates, endpoint)
     try:
         if job.todo.num_rows:
-            generate_dataset(cfg, job.todo, output).write_parquet(
-                metadata_path, filesystem=filesystem, schema=METADATA_SCHEMA,
-                filename_provider=FilenameProvider(dataset_uuid=f"{run_id}-{attempt}", file_format="parquet"),
-                ray_remote_args={"num_cpus": IO_CPUS})
-    except BaseException as exc:  # run.json says how the run ended, not "running" for good
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
-        with contextlib.suppress(OSError):  # an unreachable store must not hide why the job stopped
-            write_run_json(output, {"run_id": run_id, "status": status, "started": started_at.isoformat(),
-                                    "finished": datetime.now(UTC).isoformat(), "error": root_cause(exc)}, endpoint)
+            commit_batches(generate_dataset(cfg, job.todo, output, run_id), output, endpoint, f"{run_id}-{attempt}",
+                           lease, progress)
+    except BaseException as exc:  # the run's record says how it ended, not "running" for good
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(Exception):  # an unreachable store must not hide why the job stopped
+            finish_run(cfg, prompts, output, run_id, started_at, started, first, status, error=root_cause(exc))
         raise
-    seconds = time.perf_counter() - started
     lease.check()
     deduplicated = sum(len(rows) for rows in first.duplicates.values())
     if attempt and cfg.output.format == "files":  # a failed attempt's last rows may land after the next plan
@@ -245,15 +263,53 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
         write_imagefolder_index(output, endpoint)
     else:
         remove_temp_files(output, endpoint)  # of shard writers killed mid-shard
-    selector = pa.fs.FileSelector(metadata_path, allow_not_found=True)
-    files = [f.path for f in filesystem.get_file_info(selector) if f.base_name.startswith(run_id)]
-    table = pq.ParquetDataset(files, filesystem=filesystem).read() if files else METADATA_SCHEMA.empty_table()
-    summary = replace(summarize(table, seconds, first_sparse_stage(cfg.sparsevar)), skipped=first.skipped,
+    return finish_run(cfg, prompts, output, run_id, started_at, started, first, "ok", deduplicated=deduplicated,
+                      controller=controller)
+
+
+def commit_batches(dataset: ray.data.Dataset, output: str, endpoint: str | None, prefix: str, lease: OutputLease,
+                   progress: JobProgress) -> None:
+    """Write each batch's rows to the metadata (`<prefix>-<n>.parquet`) as soon as the actors return it, the
+    lease checked first, so an interruption loses at most the batches in flight (one per actor) and those that
+    came back since the last write. Ray Data's own progress bars give way to the job's one display."""
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for n, rows in enumerate(batches):
+            lease.check()
+            write_metadata_file(output, f"{prefix}-{n:06d}.parquet", rows, endpoint)
+            progress.update(rows)
+    finally:
+        batches.close()  # on an interrupt, stops the pipeline and its actors now, not when collected
+        context.enable_progress_bars = bars
+
+
+SUMMARY_COLUMNS = ["status", "error", "prompt_id", "seed", "source_row", "run_id", "stages", "tau", "latency_ms"]
+
+
+def finish_run(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime, started: float,
+               first: Plan, status: str, error: str | None = None, deduplicated: int = 0,
+               controller: Any = None) -> Summary:
+    """Record how this invocation ended (`runs/<run_id>.json`, its counts from the rows it left in the metadata,
+    so an interrupted run's too) and recompute the dataset's `run.json` from all the metadata and run records."""
+    endpoint = cfg.storage.endpoint_url
+    seconds = time.perf_counter() - started
+    table = read_metadata(output, endpoint, SUMMARY_COLUMNS)
+    mine = table.filter(pc.equal(table["run_id"], run_id))
+    first_sparse = first_sparse_stage(cfg.sparsevar)
+    summary = replace(summarize(mine, seconds, first_sparse), skipped=first.skipped,
                       skipped_errors=first.skipped_errors, deduplicated=deduplicated,
-                      restartable_pool=first.todo.num_rows > 0 and cfg.ray.max_restarts != 0)
+                      restartable_pool=first.todo.num_rows > 0 and cfg.ray.max_restarts != 0,
+                      failed_rows=tuple(failed_rows(mine)), failed_query=failed_rows_query(output, endpoint))
     if controller is not None:
-        summary = replace(summary, adaptive=adaptive_report(table, cfg, controller))
-    write_run_json(output, run_record(cfg, prompts, output, run_id, started_at, summary), endpoint)
+        summary = replace(summary, adaptive=adaptive_report(mine, cfg, controller))
+    record = {**run_record(cfg, prompts, output, run_id, started_at, summary), "status": status}
+    if error is not None:
+        record["error"] = error
+    write_run(output, record, endpoint)
+    kept = summarize(table, seconds, first_sparse).kept_ratio_by_stage
+    write_run_json(output, dataset_record(record, read_runs(output, endpoint), table, kept), endpoint)
     return summary
 
 
@@ -340,11 +396,11 @@ def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
     write_imagefolder_metadata(output, [records[name] for name in sorted(records)], endpoint_url)
 
 
-def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Dataset:
-    """The rows to generate, in blocks that keep every actor busy, mapped through the actor pool.
-
-    A block is the unit Ray retries when an actor dies, so blocks stay small: a few batches each. For webdataset a
-    block is one whole shard, handed to the actor as one batch (`batch_size=None`), which writes the shard's tar.
+def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str, run_id: str | None = None) -> ray.data.Dataset:
+    """The rows to generate, mapped through the actor pool, in blocks of one batch: each block's rows come back
+    as one table, which the driver commits to the metadata at once (commit_batches), and a block is the unit Ray
+    retries when an actor dies. For webdataset a block is one whole shard, handed to the actor as one batch
+    (`batch_size=None`), which writes the shard's tar.
     """
     low, high = cfg.ray.actor_range
     B = cfg.ray.batch_size
@@ -353,8 +409,7 @@ def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Da
         starts = np.cumsum([0, *sizes[:-1]])
         blocks, batch_size = [todo.slice(start, size) for start, size in zip(starts, sizes, strict=True)], None
     else:
-        rows = B * min(16, max(1, math.ceil(todo.num_rows / (B * 4 * high))))
-        blocks, batch_size = [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)], B
+        blocks, batch_size = [todo.slice(start, B) for start in range(0, todo.num_rows, B)], B
     if len(blocks) < high:  # an actor past the number of blocks would get no input, and Ray would warn so
         print(f"{len(blocks)} block(s) of work: starting {len(blocks)} actor(s) of the {high} that ray.num_actors "
               "allows", flush=True)
@@ -363,7 +418,7 @@ def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Da
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
         return ray.data.from_arrow(blocks).map_batches(
             Generator,
-            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output},
+            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output, "run_id": run_id},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
@@ -376,12 +431,14 @@ def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str) -> ray.data.Da
 
 def run_record(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime,
                summary: Summary) -> dict[str, Any]:
-    """The content of run.json: the config, when, what came out and with which versions (`adaptive` only for
-    adaptive runs)."""
+    """One invocation's record (runs/<run_id>.json): the config, when, what came out of it and with which versions
+    (`adaptive` only for adaptive runs)."""
     record = {
         "run_id": run_id, "config": cfg.model_dump(mode="json"), "prompts": prompts, "output": output,
         "started": started_at.isoformat(), "finished": datetime.now(UTC).isoformat(), "seconds": summary.seconds,
         "images": summary.images, "failed": summary.failed, "images_per_sec": summary.images_per_sec,
+        "skipped": summary.skipped, "skipped_errors": summary.skipped_errors, "deduplicated": summary.deduplicated,
+        "failed_rows": list(summary.failed_rows),
         "kept_ratio_by_stage": {str(k): v for k, v in sorted(summary.kept_ratio_by_stage.items())},
         "versions": versions(),
     }

@@ -18,12 +18,36 @@ from storage.uris import resolve
 from workflows.config import ConfigError
 
 
+def _with_end(rows: pa.Table, size: int) -> pa.Table:
+    """A batch's rows (numbered from 1 within it) and an end row (no prompt_id, `source_row` = the batch's lines or
+    records), from which the driver numbers rows across the whole file (read_prompt_table)."""
+    end = pa.Table.from_pylist([{"source_row": size}], schema=PROMPT_SCHEMA)
+    return pa.concat_tables([rows.cast(PROMPT_SCHEMA), end])
+
+
 def _jsonl_batch(batch: pa.Table) -> pa.Table:
-    return normalize_jsonl_lines(batch.column("text").to_pylist())
+    return _with_end(normalize_jsonl_lines(batch.column("text").to_pylist()), batch.num_rows)
 
 
 def _text_batch(batch: pa.Table) -> pa.Table:
-    return normalize_text_lines(batch.column("text").to_pylist())
+    return _with_end(normalize_text_lines(batch.column("text").to_pylist()), batch.num_rows)
+
+
+def _records_batch(batch: pa.Table) -> pa.Table:
+    return _with_end(normalize_records(batch), batch.num_rows)
+
+
+def number_rows(rows: pa.Table) -> pa.Table:
+    """The prompt rows in file order with `source_row` counted from the file's start: each batch's end row adds
+    its size to the rows after it, and is dropped."""
+    offset, numbers, keep = 0, [], []
+    for pid, local in zip(rows["prompt_id"].to_pylist(), rows["source_row"].to_pylist(), strict=True):
+        numbers.append(offset + local)
+        keep.append(pid is not None)
+        if pid is None:
+            offset += local
+    numbered = rows.set_column(rows.schema.get_field_index("source_row"), "source_row", pa.array(numbers, pa.int64()))
+    return numbered.filter(pa.array(keep, pa.bool_()))
 
 
 # Reading and validating prompts is light I/O; asking no CPU for it keeps a pool of actors that holds every
@@ -48,13 +72,14 @@ def check_prompts(uri: str, endpoint_url: str | None = None) -> tuple[fs.FileSys
     return filesystem, path
 
 
-def read_prompts(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> ray.data.Dataset:
-    """A dataset of validated prompt rows. Whole-file problems (missing, empty, no `prompt` column) raise
-    ConfigError. The generation blocks are cut later, on the driver (workflows.generate.generate_dataset)."""
+def read_prompts(uri: str, endpoint_url: str | None = None) -> ray.data.Dataset:
+    """A dataset of validated prompt rows, each batch's followed by its end row (see number_rows). Whole-file
+    problems (missing, empty, no `prompt` column) raise ConfigError. The generation blocks are cut later, on the
+    driver (workflows.generate.generate_dataset)."""
     filesystem, path = check_prompts(uri, endpoint_url)
     kind = prompt_format(uri)
-    if kind in ("jsonl", "text"):
-        ds = ray.data.read_text(path, filesystem=filesystem, num_cpus=IO_CPUS).map_batches(
+    if kind in ("jsonl", "text"):  # blank lines are kept so that lines are counted as the file has them
+        ds = ray.data.read_text(path, filesystem=filesystem, num_cpus=IO_CPUS, drop_empty_lines=False).map_batches(
             _jsonl_batch if kind == "jsonl" else _text_batch, batch_format="pyarrow", batch_size=VALIDATION_ROWS,
             num_cpus=IO_CPUS,
         )
@@ -69,8 +94,8 @@ def read_prompts(uri: str, limit: int | None = None, endpoint_url: str | None = 
         if "prompt" not in columns:
             raise ConfigError(f"prompts file {uri} has no 'prompt' column (columns: {columns}); rename the "
                               "column that holds the prompts to 'prompt'")
-        ds = ds.map_batches(normalize_records, batch_format="pyarrow", batch_size=VALIDATION_ROWS, num_cpus=IO_CPUS)
-    return ds.limit(limit) if limit is not None else ds
+        ds = ds.map_batches(_records_batch, batch_format="pyarrow", batch_size=VALIDATION_ROWS, num_cpus=IO_CPUS)
+    return ds
 
 
 @contextmanager
@@ -107,11 +132,12 @@ def first_non_utf8(filesystem: fs.FileSystem, path: str, chunk: int = 1 << 20) -
 
 
 def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> pa.Table:
-    """All prompt rows on the driver, in file order, where duplicates and finished work can be seen across the
-    whole file. A file that is not UTF-8 or holds no prompt at all raises ConfigError."""
+    """All prompt rows on the driver (the first `limit`), in file order and numbered by their place in the file,
+    where duplicates and finished work can be seen across the whole file. A file that is not UTF-8 or holds no
+    prompt at all raises ConfigError. The whole file is read even with a limit: its rows are numbered as they come."""
     try:
         with _in_file_order():
-            tables = ray.get(read_prompts(uri, limit, endpoint_url=endpoint_url).to_arrow_refs())
+            tables = ray.get(read_prompts(uri, endpoint_url=endpoint_url).to_arrow_refs())
     except UnicodeDecodeError:  # Ray's text reader decodes whole blocks, strictly, and tells no position
         filesystem, path = check_prompts(uri, endpoint_url)
         offset, line = first_non_utf8(filesystem, path)
@@ -119,7 +145,8 @@ def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | No
         where = (f"byte {offset} (line {line}) starts no UTF-8 character" if found
                  else "its text, as read (a compressed file is decompressed by its extension), is not UTF-8")
         raise ConfigError(f"prompts file {uri} is not UTF-8 text: {where}; save the file as UTF-8") from None
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
+    tables = [t.cast(PROMPT_SCHEMA) for t in tables if t.num_rows]
+    rows = number_rows(pa.concat_tables(tables)) if tables else PROMPT_SCHEMA.empty_table()
+    if not rows.num_rows:
         raise ConfigError(f"prompts file {uri} holds no prompts: add one prompt per line (or row)")
-    return pa.concat_tables(tables).cast(PROMPT_SCHEMA)
+    return rows.slice(0, limit) if limit is not None else rows

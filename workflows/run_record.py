@@ -1,17 +1,26 @@
-"""`{output}/run.json`: what one run of the job was asked to do and what it did, for people and tools."""
+"""The job's records, for people and tools: `{output}/runs/<run id>.json`, what one invocation was asked to do, how
+it ended (running, ok, interrupted, failed) and its own counts; and `{output}/run.json`, the whole dataset's
+summary, recomputed at the end of every invocation from the metadata and those records (so a resume with nothing
+to do leaves the dataset's counts as they were)."""
 
 import json
+import logging
 import platform
 import posixpath
 import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pyarrow.fs import LocalFileSystem
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import fs
 
 from storage.uris import join, resolve
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+RUNS_DIR = "runs"
+FAILED_SHOWN = 20  # failed rows listed by a summary; the rest are found with failed_rows_query
 _SECRET_KEY = re.compile(r"secret|password|passwd|credential|api_?key|access_?key", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -41,12 +50,91 @@ def redact(value: Any) -> Any:
     return value
 
 
-def write_run_json(output: str, record: dict[str, Any], endpoint_url: str | None = None) -> str:
-    """Write `record` (secrets redacted) as `{output}/run.json`, replacing an earlier run's; returns its URI."""
-    uri = join(output, RUN_FILE)
+def _write_json(output: str, name: str, record: dict[str, Any], endpoint_url: str | None) -> str:
+    uri = join(output, name)
     filesystem, path = resolve(uri, endpoint_url)
-    if isinstance(filesystem, LocalFileSystem):  # object stores have no folders to make
+    if isinstance(filesystem, fs.LocalFileSystem):  # object stores have no folders to make
         filesystem.create_dir(posixpath.dirname(path), recursive=True)
     with filesystem.open_output_stream(path) as stream:
         stream.write(json.dumps(redact(record), indent=2).encode())
     return uri
+
+
+def write_run_json(output: str, record: dict[str, Any], endpoint_url: str | None = None) -> str:
+    """Write `record` (secrets redacted) as `{output}/run.json`, the dataset's summary; returns its URI."""
+    return _write_json(output, RUN_FILE, record, endpoint_url)
+
+
+def write_run(output: str, record: dict[str, Any], endpoint_url: str | None = None) -> str:
+    """Write one invocation's record (secrets redacted) as `{output}/runs/<run_id>.json`; returns its URI."""
+    return _write_json(output, f"{RUNS_DIR}/{record['run_id']}.json", record, endpoint_url)
+
+
+def read_runs(output: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+    """Every invocation's record, oldest first; one that cannot be read or parsed is skipped with a warning."""
+    filesystem, root = resolve(output, endpoint_url)
+    runs = []
+    for info in filesystem.get_file_info(fs.FileSelector(join(root, RUNS_DIR), allow_not_found=True)):
+        if info.type != fs.FileType.File or not info.base_name.endswith(".json"):
+            continue
+        try:
+            with filesystem.open_input_stream(info.path) as stream:
+                runs.append(json.loads(stream.read()))
+        except (OSError, ValueError) as exc:
+            log.warning("run record %s is unreadable (%s); the summary leaves it out", info.path, exc)
+    return sorted(runs, key=lambda run: (run.get("started") or "", run.get("run_id") or ""))
+
+
+def failed_rows(table: pa.Table, limit: int = FAILED_SHOWN) -> list[dict[str, Any]]:
+    """The first `limit` error rows of a metadata table: where in the prompt file, which prompt, why."""
+    errors = table.filter(pc.equal(table["status"], "error")).slice(0, limit)
+    return errors.select(["source_row", "prompt_id", "seed", "error"]).to_pylist()
+
+
+def failed_rows_query(output: str, endpoint_url: str | None = None) -> str:
+    """A command that prints every failed row of the output (no tool beyond this package)."""
+    endpoint = f", {endpoint_url!r}" if endpoint_url else ""
+    return ("python -c \"import pyarrow.compute as pc; from storage.metadata import read_metadata; "
+            f"t = read_metadata({output!r}{endpoint}, ['status', 'source_row', 'prompt_id', 'seed', 'error']); "
+            "[print(r) for r in t.filter(pc.equal(t['status'], 'error')).to_pylist()]\"")
+
+
+def per_run_counts(table: pa.Table) -> dict[str | None, dict[str, int]]:
+    """run_id -> {"images": ok rows, "failed": error rows} over a metadata table (None: rows from before run_id)."""
+    counts: dict[str | None, dict[str, int]] = {}
+    for run_id, status in zip(table["run_id"].to_pylist(), table["status"].to_pylist(), strict=True):
+        entry = counts.setdefault(run_id, {"images": 0, "failed": 0})
+        entry["images" if status == "ok" else "failed"] += 1
+    return counts
+
+
+def dataset_record(latest: dict[str, Any], runs: list[dict[str, Any]], table: pa.Table,
+                   kept_ratio_by_stage: dict[int, float]) -> dict[str, Any]:
+    """run.json: the latest invocation's settings and outcome, the dataset's counts from its metadata (`table`:
+    status, error, prompt_id, seed, source_row, run_id), and every invocation with the rows it left there. A
+    record still `running` other than the latest is a run whose driver was killed (`killed`)."""
+    counts = per_run_counts(table)
+    listed = []
+    for run in runs:
+        status = run.get("status")
+        if status == "running" and run["run_id"] != latest["run_id"]:
+            status = "killed"
+        listed.append({"run_id": run["run_id"], "status": status, "started": run.get("started"),
+                       "finished": run.get("finished"), **counts.get(run["run_id"], {"images": 0, "failed": 0})})
+    timed = [run for run in runs if run.get("images") and run.get("seconds")]
+    seconds = sum(run["seconds"] for run in timed)
+    ok = sum(entry["images"] for entry in counts.values())
+    finished = [run["finished"] for run in runs if run.get("finished")]
+    return {
+        **{k: v for k, v in latest.items() if k not in ("images", "failed", "seconds", "images_per_sec",
+                                                         "kept_ratio_by_stage", "failed_rows", "skipped",
+                                                         "skipped_errors", "deduplicated")},
+        "started": min((run["started"] for run in runs if run.get("started")), default=latest.get("started")),
+        "finished": max(finished, default=latest.get("finished")),
+        "images": ok, "failed": table.num_rows - ok,
+        "seconds": seconds, "images_per_sec": sum(run["images"] for run in timed) / seconds if seconds else None,
+        "kept_ratio_by_stage": {str(k): v for k, v in sorted(kept_ratio_by_stage.items())},
+        "failed_rows": failed_rows(table), "failed_rows_query": failed_rows_query(
+            latest["output"], (latest.get("config") or {}).get("storage", {}).get("endpoint_url")),
+        "runs": listed,
+    }

@@ -42,6 +42,14 @@ def build_backend(model: ModelConfig, sampling: SamplingConfig, device: str = "a
     return _module(model).build(model, sampling, torch_device, torch_dtype)
 
 
+def weight_files(model: ModelConfig) -> list[str]:
+    """The files or folders the model's weights load from (none for random weights), for a run's provenance; a
+    backend with `checkpoints()` gives its checkpoint fields, so call this on the config with them made local."""
+    if hasattr(model, "checkpoints"):
+        return [uri for uri, _, _ in model.checkpoints().values()]
+    return _module(model).weight_files(model)
+
+
 def expected_entries(model: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     """Parameter names and shapes each checkpoint file of the config must hold, built without weights."""
     return _module(model).expected_entries(model)

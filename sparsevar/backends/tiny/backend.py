@@ -48,6 +48,13 @@ class TinyState:
     f_hat_BCHW: torch.Tensor
 
 
+def weight_files(cfg: TinyConfig) -> list[str]:
+    """The weights file `model.weights` names (`demo`: the shipped one); none for random weights."""
+    if not cfg.weights:
+        return []
+    return [str(DEMO_WEIGHTS) if cfg.weights == "demo" else cfg.weights]
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a state dict saved by torch.save or safetensors, strictly, with a message naming the file.
 
