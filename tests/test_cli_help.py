@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 MODULES = ["workflows.generate", "workflows.quality", "workflows.bench", "workflows.calibrate", "workflows.inspect",
-           "workflows.train_demo", "benchmarks.adaptive", "benchmarks.adaptive_cost", "benchmarks.chaos"]
+           "workflows.train_demo", "workflows.serve", "benchmarks.adaptive", "benchmarks.adaptive_cost",
+           "benchmarks.chaos"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -192,11 +192,11 @@ def test_a_failing_generation_answers_500_and_the_replica_serves_the_next(server
 
 
 def test_over_capacity_answers_503_with_retry_after(server):
-    """4 requests in the replica and 2 queued at most (the module's limits): of 12 at once, some are refused."""
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda seed: post(server, {"prompt": PROMPT, "seed": seed}), range(12)))
+    """4 requests in the replica and 2 queued at most (the module's limits): of 20 at once, some are refused."""
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda seed: post(server, {"prompt": PROMPT, "seed": seed}), range(20)))
     statuses = [status for status, _, _ in answers]
-    assert set(statuses) <= {200, 503} and 1 <= statuses.count(200) <= 6, statuses
+    assert set(statuses) == {200, 503}, statuses
     assert all(headers.get("retry-after") == "1" for status, _, headers in answers if status == 503)
     assert post(server, {"prompt": PROMPT, "seed": 0})[0] == 200  # capacity comes back
 
