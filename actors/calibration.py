@@ -1,4 +1,5 @@
-"""The calibration file (`calibration.parquet`) and the adaptive controller built from it for one job.
+"""The calibration file (`calibration.parquet`) and the adaptive controllers built from it (a job's actor, a
+Serve replica).
 
 The file holds one row per setting (dense, then each τ) and, in its schema metadata, the setup it was
 measured with. A curve only predicts a job that runs the same model, SparseVAR settings (τ aside) and
@@ -110,9 +111,10 @@ def _check_setup(measured: dict[str, Any], job: dict[str, Any], uri: str) -> Non
                         "scale from its own batches", uri, key, measured[key], job[key])
 
 
-def load_curve(cfg: JobConfig) -> Curve:
-    """The job's calibration curve (sparse rows only), after checking it was measured for this setup."""
-    uri = calibration_uri(cfg.adaptive.calibration or "")
+def load_curve(cfg: JobConfig, calibration: str | None = None) -> Curve:
+    """The calibration curve (sparse rows only) at `calibration` (default: the job's `adaptive.calibration`), after
+    checking it was measured for this setup."""
+    uri = calibration_uri(calibration or cfg.adaptive.calibration or "")
     table, setup = read_calibration(uri, cfg.storage.endpoint_url)
     _check_setup(setup, calibration_setup(cfg), uri)
     rows = [row for row in table.select(["tau", "latency_ms_per_image", "psnr_db"]).to_pylist()
@@ -132,5 +134,18 @@ def controller_for(cfg: JobConfig) -> Controller:
     try:
         return Controller(curve, per_actor_latency_ms(adaptive, cfg.ray.actor_range[1]), adaptive.tau_min,
                           adaptive.tau_max, adaptive.min_psnr)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
+
+
+def serve_controller_for(cfg: JobConfig) -> Controller:
+    """One Serve replica's controller: the batch job's, aimed at `serve.target_latency_ms` (a request's p95); the
+    replica gives it a per-image budget from its queue for each batch (`sparsevar.adaptive.queue_budget_ms`)."""
+    serve = cfg.serve
+    if serve.target_latency_ms is None:
+        raise CalibrationError("serve.target_latency_ms is not set: τ follows the load only towards a target")
+    curve = load_curve(cfg, serve.calibration)
+    try:
+        return Controller(curve, serve.target_latency_ms, serve.tau_min, serve.tau_max)
     except ValueError as exc:
         raise CalibrationError(str(exc)) from None

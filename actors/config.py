@@ -1,4 +1,4 @@
-"""The whole job's configuration: model, algorithm, sampling, runtime, Ray scaling and output format."""
+"""The whole job's configuration: model, algorithm, sampling, runtime, Ray scaling, output format and serving."""
 
 from typing import Any, Literal
 
@@ -66,6 +66,58 @@ class StorageConfig(StrictModel):
         None, description="S3-compatible endpoint (MinIO, R2, ...); else AWS_ENDPOINT_URL or AWS itself")
 
 
+class AutoscalingConfig(StrictModel):
+    """Ray Serve's `autoscaling_config`, the keys this app supports: replicas follow the requests in flight."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim at")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """The online service (`python -m workflows.serve`, `actors.serve`): replicas, batching, limits, τ."""
+
+    num_replicas: int = Field(1, ge=1, description="fixed replicas; leave unset with autoscaling_config")
+    autoscaling_config: AutoscalingConfig | None = None
+    num_gpus_per_replica: float = Field(0.0, ge=0.0, description="fractions share a GPU between replicas")
+    num_cpus_per_replica: float = Field(1.0, gt=0.0, description="also the replica's torch thread count")
+    max_batch_size: int = Field(4, ge=1, description="images per generation batch (@serve.batch)")
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests one replica holds at once (in its batch queue)")
+    max_queued_requests: int = Field(
+        16, ge=1, description="requests waiting for a replica beyond those; more are refused with 503 and Retry-After")
+    retry_after_s: float = Field(1.0, ge=0.0, description="the Retry-After a refused request is given")
+    max_images: int = Field(4, ge=1, description="the most images (`n`) one request may ask for")
+    max_prompt_chars: int = Field(2000, ge=1, description="longest prompt (and negative prompt) accepted")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+    output: str | None = Field(
+        None, description="where `response_format: url` stores images (a folder or s3:// URI), as the batch job does")
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="p95 of a request: each replica picks τ from the calibration and its queue to meet it")
+    tau_min: float = Field(0.0, ge=0.0, le=1.0, description="lowest τ the replica may choose (0 is dense)")
+    tau_max: float = Field(1.0, ge=0.0, le=1.0, description="highest τ the replica may choose")
+    calibration: str | None = Field(None, description="calibration.parquet (or its folder) from workflows.calibrate")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min={self.tau_min} is above tau_max={self.tau_max}; swap them")
+        if self.target_latency_ms is not None and not self.calibration:
+            raise ValueError("target_latency_ms needs calibration: run python -m workflows.calibrate --config ... "
+                             "--prompts ... --output DIR, then set serve.calibration: DIR")
+        return self
+
+
 class JobConfig(StrictModel):
     model: ModelConfig
     sparsevar: SparseVARConfig = SparseVARConfig()
@@ -76,6 +128,7 @@ class JobConfig(StrictModel):
     output: OutputConfig = OutputConfig()
     storage: StorageConfig = StorageConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -25,6 +25,7 @@ import torch
 
 from actors.calibration import controller_for
 from actors.config import JobConfig
+from sparsevar.adaptive import Controller
 from sparsevar.backends import build_backend, weight_files
 from sparsevar.config import SparseVARConfig
 from sparsevar.generate import ImageResult, Request, generate
@@ -40,7 +41,10 @@ Store = Callable[[dict[str, Any], ImageResult, float | None], dict[str, Any]]
 
 
 class Generator:
-    def __init__(self, config: dict[str, Any], output: str, run_id: str | None = None) -> None:
+    def __init__(self, config: dict[str, Any], output: str | None, run_id: str | None = None,
+                 controller: Controller | None = None) -> None:
+        """`output` None: no image files (a Serve replica answering with the bytes); `run_id` goes on every row;
+        `controller` replaces the adaptive section's (a Serve replica's, which follows its queue)."""
         self.cfg = JobConfig.model_validate(config)
         # checked local paths; s3:// fetched once per node
         self.cfg.model = localize_checkpoints(self.cfg.model, endpoint_url=self.cfg.storage.endpoint_url)
@@ -51,25 +55,27 @@ class Generator:
         # every row says which weights made it; hashed once per actor (after the backend loaded them, so a missing
         # file gets the backend's message), cheaply: storage.checkpoints.fingerprint
         self.weights_fingerprint = fingerprint(weight_files(self.cfg.model))
-        self.writer = ImageWriter(output, self.cfg.output.image_format, self.cfg.output.quality,
-                                  self.cfg.storage.endpoint_url)
+        self.writer = None if output is None else ImageWriter(output, self.cfg.output.image_format,
+                                                              self.cfg.output.quality, self.cfg.storage.endpoint_url)
         self.output = output
-        self.controller = controller_for(self.cfg) if self.cfg.adaptive.enabled else None
+        self.controller = controller or (controller_for(self.cfg) if self.cfg.adaptive.enabled else None)
         self._warned_missed = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         if self.cfg.output.format == "files":
-            return metadata_table(self._generate_rows(rows, self._write_file))
+            return metadata_table(self.generate_rows(rows, self._write_file))
         out = []
         for index, group in groupby(rows, key=lambda row: row["shard"]):
             out += self._generate_shard(index, list(group))
         return metadata_table(out)
 
-    def _generate_rows(self, rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
-        """One batch: its metadata rows, input errors first; `store` keeps each image."""
+    def generate_rows(self, rows: list[dict[str, Any]], store: Store,
+                      sv: SparseVARConfig | None = None) -> list[dict[str, Any]]:
+        """One batch: its metadata rows, input errors first; `store` keeps each image. `sv` (a Serve replica's
+        choice) replaces the configured settings and the controller's τ."""
         todo = [row for row in rows if row["error"] is None]
-        sv = self._sparsevar()
+        sv = sv or self._sparsevar()
         tau = sv.tau if sv.enabled else None
         results = self._generate(todo, sv)
         if self.controller is not None:
@@ -97,7 +103,7 @@ class Generator:
                     out += [self._error_row(row, row["error"] or f"writing shard {writer.name} failed: "
                                             f"{writer.error}", None) for row in rows[start:]]
                     break
-                out += self._generate_rows(rows[start:start + B], store)
+                out += self.generate_rows(rows[start:start + B], store)
             failure = writer.error
             if failure is None:
                 try:

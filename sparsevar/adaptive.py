@@ -56,6 +56,14 @@ def per_actor_latency_ms(cfg: AdaptiveConfig, num_actors: int) -> float:
     return 1000.0 * num_actors / cfg.target_images_per_sec
 
 
+def queue_budget_ms(target_ms: float, waited_ms: float, pending_images: int) -> float:
+    """Per-image latency at which a server meets its request target: the last of the `pending_images` images
+    (this batch's and those queued behind it, served one batch after another) must be done within what is
+    left of the target of the oldest request, which has waited `waited_ms`. An idle server gets the whole
+    target for one batch, so it goes back to the lowest τ; a growing queue shrinks the budget, raising τ."""
+    return max(0.0, target_ms - waited_ms) / max(1, pending_images)
+
+
 def _non_increasing_fit(values: Sequence[float]) -> list[float]:
     """Pool adjacent violators: the least-squares non-increasing sequence, so measurement noise cannot make a
     higher τ look slower and the curve can be inverted."""
@@ -159,7 +167,12 @@ class Controller:
 
     def next_tau(self) -> float:
         """The smallest τ in [tau_min, upper] whose corrected predicted latency meets the target."""
-        return self.curve.smallest_tau(self.target_ms / self.ratio, self.tau_min, self.upper)
+        return self.tau_for(self.target_ms)
+
+    def tau_for(self, budget_ms_per_image: float) -> float:
+        """The smallest τ in [tau_min, upper] whose corrected predicted latency per image fits the budget (a
+        server's budget moves with its queue, see `queue_budget_ms`)."""
+        return self.curve.smallest_tau(budget_ms_per_image / self.ratio, self.tau_min, self.upper)
 
     def observe(self, tau: float, batch_latency_ms: float, n_images: int) -> None:
         """Learn from one batch generated at `tau` that took `batch_latency_ms` for `n_images` images."""

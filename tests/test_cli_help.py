@@ -5,8 +5,8 @@ import importlib
 import pytest
 
 MODULES = ["workflows.generate", "workflows.quality", "workflows.bench", "workflows.calibrate", "workflows.inspect",
-           "workflows.train_demo", "benchmarks.adaptive", "benchmarks.adaptive_cost", "benchmarks.chaos",
-           "workflows.report", "benchmarks.report"]
+           "workflows.train_demo", "workflows.serve", "workflows.report", "benchmarks.adaptive",
+           "benchmarks.adaptive_cost", "benchmarks.chaos", "benchmarks.report"]
 
 
 @pytest.mark.parametrize("name", MODULES)
