@@ -129,11 +129,13 @@ def test_the_same_prompt_and_seed_give_the_batch_jobs_bytes(server, client, over
 
 
 def test_concurrent_requests_are_batched(client):
+    patient = client.with_options(max_retries=8)  # a 503 of the queue bound (max_queued_requests=2) is retried
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda seed: client.images.generate(prompt=PROMPT, extra_body={"seed": seed}),
+        answers = list(pool.map(lambda seed: patient.images.generate(prompt=PROMPT, extra_body={"seed": seed}),
                                 range(4)))
     assert [a.data[0].metadata["seed"] for a in answers] == [0, 1, 2, 3]
-    assert all(a.data[0].metadata["batch_size"] >= 2 for a in answers), [a.data[0].metadata for a in answers]
+    # requests that waited together ran together (a retried one may run alone later)
+    assert max(a.data[0].metadata["batch_size"] for a in answers) >= 2, [a.data[0].metadata for a in answers]
 
 
 def test_url_answers_store_the_image_as_the_batch_job_does(client, overrides):
