@@ -268,7 +268,8 @@ def test_metadata_schema_field_order():
     assert METADATA_SCHEMA.names == [
         "prompt_id", "prompt", "seed", "model", "width", "height", "image_uri", "image_sha256",
         "tau", "latency_ms", "stages", "status", "error", "written_at", "shard", "sample_key", "image_bytes",
-        "cfg", "temperature", "top_k", "top_p", "negative_prompt", "h_div_w", "weights_fingerprint", "source_row",
+        "keep_masks", "cfg", "temperature", "top_k", "top_p", "negative_prompt", "h_div_w", "weights_fingerprint",
+        "source_row",
         "run_id",
     ]  # fmt: skip
     assert METADATA_SCHEMA.field("stages").type == pa.list_(STAGE_TYPE)
