@@ -138,12 +138,16 @@ def test_a_second_job_on_a_busy_output_is_refused_and_the_first_records_every_im
     assert not (out / "_lease.json").exists()  # given back at the end
 
 
+# enough work to outlast eight kills two seconds apart (80 prompts ended after seven kills on a 2-core CI machine)
+STORM_PROMPTS = 200
+
+
 def test_a_storm_of_actor_kills_costs_nothing(ray_cluster, fast_overrides, tmp_path):
     """Eight SIGKILLs of generation actors within 16 s stop the pipeline (Ray's ActorUnavailableError, with task
     retries left; 3 of 3 tries of this test with ray.pipeline_restarts=0 exited 3). The job starts it again: every
     prompt lands once, its bytes those of a run without kills."""
     many = tmp_path / "many.jsonl"
-    many.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"shape {i}", "seed": i}) + "\n" for i in range(80)))
+    many.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"shape {i}", "seed": i}) + "\n" for i in range(STORM_PROMPTS)))
     out = tmp_path / "out"
     job = start_job(ray_cluster, [*fast_overrides, "ray.num_actors=2"], many, out)
     wait_for_images(out, 3, job)
@@ -160,7 +164,7 @@ def test_a_storm_of_actor_kills_costs_nothing(ray_cluster, fast_overrides, tmp_p
     assert job.returncode == 0, log
     assert kills == 8, f"the job ended after {kills} kills: too short a test"
     stormed = outputs(out)
-    assert len(stormed) == 80 and len(list((out / "images").glob("*.png"))) == 80
+    assert len(stormed) == STORM_PROMPTS and len(list((out / "images").glob("*.png"))) == STORM_PROMPTS
     calm = start_job(ray_cluster, fast_overrides, many, tmp_path / "calm", "--limit", "10")
     assert calm.wait(timeout=300) == 0, calm.stdout.read()
     assert outputs(tmp_path / "calm").items() <= stormed.items()
