@@ -43,6 +43,10 @@ class KVCache:
         mask = None if self.all_valid else self.valid_RL[:, None, None, :end]
         return self.k_RHLD[:, :, :end], self.v_RHLD[:, :, :end], mask
 
+    def keep_rows(self, rows: int) -> None:
+        """Keep the first `rows` rows (views, no copy): the conditional rows, once guidance stops."""
+        self.k_RHLD, self.v_RHLD, self.valid_RL = self.k_RHLD[:rows], self.v_RHLD[:rows], self.valid_RL[:rows]
+
     def valid_count(self) -> torch.Tensor:
         """Valid cached tokens per row, for tests and statistics."""
         return self.valid_RL[:, : self.length].sum(dim=1)

@@ -64,6 +64,11 @@ class Backend(Protocol):
         """Guide and sample predictions into residual tokens (B, n, C). Random draws are made per image over
         its full grid and taken at `positions_Bn`, so a token gets the same draw whatever else is kept."""
 
+    def drop_guidance(self, state: Any) -> None:
+        """From the next stage on, run each image's conditional row alone (`speedups.guidance_stages`): keep the
+        first B rows of everything per row in the state (caches, text, conditioning) and set its branches to 1,
+        so that sampling goes unguided. Never called with CUDA graphs, which hold the rows they were captured on."""
+
     def accumulate(self, state: Any, tokens_BLC: torch.Tensor, stage: int) -> None:
         """Add a stage's full map of residual tokens to the running sum."""
 

@@ -70,6 +70,9 @@ class SpeedupConfig(StrictModel):
         0, ge=0, description="K: the last K stages are not run, and the image is decoded from the stages before "
         "(every backend keeps their sum at the last grid, so this is their map upsampled)")
     fastvar: FastVARConfig = FastVARConfig()
+    guidance_stages: int | None = Field(
+        None, ge=1, description="N: classifier-free guidance on the first N stages only; the later stages run "
+        "each image's conditional row alone (half the rows) and sample unguided. None: guidance on every stage")
 
 
 class SamplingConfig(StrictModel):

@@ -93,6 +93,11 @@ class FastVARRun:
         self.cache_grid = schedule[cfg.cache_stage - 1]
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
 
+    def keep_rows(self, rows: int) -> None:
+        """Keep the reference stage's outputs of the first `rows` rows only: the conditional rows, once guidance
+        stops (`speedups.guidance_stages`)."""
+        self.cache = {key: out_RlC[:rows] for key, out_RlC in self.cache.items()}
+
     def pruned(self, stage: int, ran: int) -> tuple[int, int]:
         """(tokens each pruned sub-layer left out, blocks that pruned) at a stage where `ran` tokens ran."""
         ratio = self.cfg.prune.get(stage)

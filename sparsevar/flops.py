@@ -15,17 +15,20 @@ class StageCounts(Protocol):
     kept: int
     pruned: int  # FastVAR: tokens each pruned sub-layer left out, in `pruned_blocks` of the blocks
     pruned_blocks: int
+    branches: int  # rows the image ran: 2 with guidance, 1 without or after speedups.guidance_stages, 0 skipped
 
 
 def generation_flops(stages: Sequence[StageCounts], block_params: int, dim: int, depth: int, dense: bool) -> float:
-    """Estimated transformer FLOPs of one image's generation (per guidance branch; the ratio is unaffected)."""
-    total, cached = 0.0, 0
+    """Estimated transformer FLOPs of one image's generation, over the rows it ran (dense: the most rows of any
+    stage, at every stage)."""
+    total, cached, dense_rows = 0.0, 0, max(stage.branches for stage in stages)
     for stage in stages:
         q = stage.tokens if dense else stage.kept
         kv = cached + q
-        total += depth * (2.0 * block_params * q + 4.0 * dim * q * kv)
+        work = depth * (2.0 * block_params * q + 4.0 * dim * q * kv)
         if not dense and stage.pruned:  # FastVAR's pruned blocks run fewer queries (their keys: ignored here)
-            total -= stage.pruned_blocks * (2.0 * block_params + 4.0 * dim * kv) * stage.pruned
+            work -= stage.pruned_blocks * (2.0 * block_params + 4.0 * dim * kv) * stage.pruned
+        total += work * (dense_rows if dense else stage.branches)
         cached = kv
     return total
 

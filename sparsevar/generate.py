@@ -53,6 +53,7 @@ class StageStats:
     overhead_ms: float = 0.0  # of latency_ms: scoring, gathering and filling (device-synchronised when profiling)
     pruned: int = 0  # FastVAR: tokens each of its pruned sub-layers left out (speedups.fastvar)
     pruned_blocks: int = 0  # FastVAR: the blocks that pruned at this stage
+    branches: int = 1  # rows the image ran: 2 with classifier-free guidance, 1 without (speedups.guidance_stages)
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,15 @@ def random_scores(requests: list[Request], tokens: int, stage: int, device: torc
     return (torch.stack(rows).double() / max(tokens - 1, 1)).to(device)
 
 
+def check_no_graphs(backend: Backend, setting: str) -> None:
+    """Settings that change a generation's tensors mid-way have no place in CUDA graphs yet."""
+    if getattr(backend, "graphs", None) is not None:
+        raise ValueError(f"{setting} does not run with CUDA graphs yet: set model.cuda_graphs: false")
+
+
 def check_fastvar(backend: Backend, speedups: SpeedupConfig, first_sparse: int | None) -> None:
     """FastVAR's reference stage must run whole, and its per-generation caches have no place in CUDA graphs yet."""
-    if getattr(backend, "graphs", None) is not None:
-        raise ValueError("speedups.fastvar does not run with CUDA graphs yet: set model.cuda_graphs: false")
+    check_no_graphs(backend, "speedups.fastvar")
     if first_sparse is not None and first_sparse <= speedups.fastvar.cache_stage:
         raise ValueError(f"speedups.fastvar.cache_stage ({speedups.fastvar.cache_stage}) must come before "
                          f"SparseVAR's first sparse stage ({first_sparse}): FastVAR restores from its every token")
@@ -162,6 +168,9 @@ def generate(
     if speedups.fastvar.prune:
         check_fastvar(backend, speedups, first_sparse)
         fastvar = FastVARRun(speedups.fastvar, schedule, backend.depth)
+    guided_until = speedups.guidance_stages
+    if guided_until is not None and guided_until < last:
+        check_no_graphs(backend, "speedups.guidance_stages")
     generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
 
     _synchronize(device)
@@ -173,11 +182,17 @@ def generate(
     score_Bhw: torch.Tensor | None = None
     kept: list[tuple[int, ...]] = []  # per stage, per image
     overhead_ms: list[float] = []
+    rows: list[int] = []  # per stage, the rows each image ran
     tokens: list[list[torch.Tensor]] = [[] for _ in requests]
     masks: list[list[bytes | None]] = [[] for _ in requests]
     clock.mark()
     for stage, (h, w) in enumerate(schedule[:last], start=1):
         sparse_work = _Stopwatch(device, profile)
+        if stage - 1 == guided_until and branches == 2:
+            backend.drop_guidance(state)
+            branches = backend.branches(state)
+            if fastvar is not None:
+                fastvar.keep_rows(B)
         x_RLC = backend.stage_input(state, stage)
         plan = None
         if first_sparse is not None and stage >= first_sparse:
@@ -231,6 +246,7 @@ def generate(
         clock.mark()
         kept.append((h * w,) * B if plan is None else plan.counts)
         overhead_ms.append(sparse_work.ms)
+        rows.append(branches)
 
     pixels_BHWC = backend.decode(state)
     clock.mark()
@@ -241,11 +257,12 @@ def generate(
     kept += [(0,) * B] * skipped
     stage_ms += [0.0] * skipped
     overhead_ms += [0.0] * skipped
+    rows += [0] * skipped
     for h, w in schedule[last:] if record_masks else ():
         for image_masks in masks:
             image_masks.append(bytes(-(-h * w // 8)))  # no token ran
     stats = [[StageStats(stage, h, w, h * w, kept[stage - 1][i], ms, overhead_ms[stage - 1],
-                         *(fastvar.pruned(stage, kept[stage - 1][i]) if fastvar else (0, 0)))
+                         *(fastvar.pruned(stage, kept[stage - 1][i]) if fastvar else (0, 0)), rows[stage - 1])
               for stage, ((h, w), ms) in enumerate(zip(schedule, stage_ms, strict=True), start=1)]
              for i in range(B)]
     return [ImageResult(pixels_BHWC[i], stats[i], batch_ms, tokens[i] if record_tokens else None, text_ms, decode_ms,

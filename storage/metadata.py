@@ -22,6 +22,8 @@ STAGE_TYPE = pa.struct(
         # FastVAR (speedups.fastvar): tokens each of its pruned sub-layers left out, and in how many blocks
         ("pruned", pa.int32()),
         ("pruned_blocks", pa.int32()),
+        # rows the image ran at the stage: 2 with classifier-free guidance, 1 without (speedups.guidance_stages)
+        ("branches", pa.int32()),
     ]
 )
 

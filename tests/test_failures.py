@@ -147,7 +147,8 @@ def test_a_storm_of_actor_kills_costs_nothing(ray_cluster, fast_overrides, tmp_p
     retries left; 3 of 3 tries of this test with ray.pipeline_restarts=0 exited 3). The job starts it again: every
     prompt lands once, its bytes those of a run without kills."""
     many = tmp_path / "many.jsonl"
-    many.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"shape {i}", "seed": i}) + "\n" for i in range(STORM_PROMPTS)))
+    many.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"shape {i}", "seed": i}) + "\n"
+                            for i in range(STORM_PROMPTS)))
     out = tmp_path / "out"
     job = start_job(ray_cluster, [*fast_overrides, "ray.num_actors=2"], many, out)
     wait_for_images(out, 3, job)

@@ -211,6 +211,28 @@ def test_fastvar_prunes_the_sub_layers_it_names_and_restores_from_the_cache_stag
     assert pixels(both) != pixels(alone)
 
 
+def test_guidance_on_the_first_stages_only_runs_the_others_on_the_conditional_rows(backend):
+    from sparsevar.config import FastVARConfig, SpeedupConfig
+
+    S, B = len(backend.schedule(1.0)), len(REQUESTS)
+    full = generate(backend, REQUESTS, SPARSE, record_tokens=True)
+    assert pixels(generate(backend, REQUESTS, SPARSE, SpeedupConfig(guidance_stages=S))) == pixels(full)
+    cut = generate(backend, REQUESTS, SPARSE, SpeedupConfig(guidance_stages=5), record_tokens=True)
+    assert pixels(cut) != pixels(full)
+    for image, reference in zip(cut, full, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(image.tokens[:5], reference.tokens[:5], strict=True))
+        assert [s.branches for s in image.stages] == [2] * 5 + [1] * (S - 5)
+        assert [s.branches for s in reference.stages] == [2] * S
+        assert [s.kept for s in image.stages[:6]] == [s.kept for s in reference.stages[:6]]
+    assert {cache.k_RHLD.shape[0] for cache in backend.last_state.caches} == {B}, "the uncond rows are gone"
+    # FastVAR's reference stage (5) cached both halves; its pruned stages after the cut restore the cond half
+    both = generate(backend, REQUESTS, SPARSE, SpeedupConfig(fastvar=FastVARConfig(**FASTVAR), guidance_stages=5))
+    assert [s.branches for s in both[0].stages] == [2] * 5 + [1] * (S - 5)
+    assert [s.pruned for s in both[0].stages][5] > 0
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        SpeedupConfig(guidance_stages=0)
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"prune": {6: 0.4}}, "cache_stage must be set"), ({"prune": {6: 0.4}, "cache_stage": 6}, "come before"),
     ({"prune": {6: 1.0}, "cache_stage": 5}, "fractions in"), ({**FASTVAR, "layers": (3, 2)}, "layers must be"),

@@ -38,3 +38,10 @@ def test_neutral_values_give_the_loops_own_images_and_working_ones_change_them(b
             assert pixels(generate(backend, REQUESTS, sv, fastvar(stages, 0.5))) != plain
         skipped = generate(backend, REQUESTS, sv, SpeedupConfig(skip_last_stages=1))
         assert pixels(skipped) != plain and skipped[0].stages[-1].kept == 0
+        assert pixels(generate(backend, REQUESTS, sv, SpeedupConfig(guidance_stages=stages))) == plain
+        cut = generate(backend, REQUESTS, sv, SpeedupConfig(guidance_stages=stages - 2))
+        assert pixels(cut) != plain and [s.branches for s in cut[0].stages[-3:]] == [2, 1, 1]
+    # FastVAR's reference stage caches both halves, its pruned stages after the cut restore the conditional one
+    both = generate(backend, REQUESTS, SparseVARConfig(enabled=False),
+                    fastvar(stages, 0.5).model_copy(update={"guidance_stages": stages - 2}))
+    assert [(s.branches, s.pruned > 0) for s in both[0].stages[-2:]] == [(1, True), (1, True)]

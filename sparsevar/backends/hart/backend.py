@@ -10,7 +10,7 @@ for them and excluded tokens copy their anchor's whole token, residual included.
 fills predictions first and the head runs for every token of the last stage.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +226,15 @@ class HartBackend(GraphMode):
 
         t = self.sampling.cfg * stage_ratio(len(state.schedule) - 1, len(state.schedule))
         return self.diffusion.sample(m.diffloss.net, z_Xc, state.branches, t, noise).reshape(B, n, Cvae)
+
+    def drop_guidance(self, state: HartState) -> None:
+        B, cond = state.batch, state.cond
+        state.cond = Conditioning([replace(b, ada=tuple(t[:B] for t in b.ada)) for b in cond.blocks],
+                                  tuple(t[:B] for t in cond.head))
+        state.context_pos_RT = state.context_pos_RT[:B]
+        for cache in state.caches:
+            cache.keep_rows(B)
+        state.branches = 1
 
     def accumulate(self, state: HartState, tokens_BLC: torch.Tensor, stage: int) -> None:
         h, w = state.schedule[stage - 1]

@@ -9,7 +9,7 @@ transformer forward is replayed from a CUDA graph (`sparsevar.graphs`) over cach
 persist across generations of the same batch shape.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -194,6 +194,16 @@ class InfinityBackend(GraphMode):
         groups = D // self.cfg.vae_bits
         bits_Bngd = bits_BnD.long().view(B, n, self.cfg.vae_bits, groups).transpose(-1, -2)
         return self.vae.quantizer.lfq.codes(bits_Bngd).transpose(-1, -2).reshape(B, n, D)
+
+    def drop_guidance(self, state: InfinityState) -> None:
+        B, text = state.batch, state.text
+        blocks = [replace(b, ada=tuple(t[:B] for t in b.ada), text_kv=tuple(t[:B] for t in b.text_kv))
+                  for b in text.blocks]
+        state.text = TextContext(blocks, tuple(t[:B] for t in text.head),
+                                 None if text.mask_R11T is None else text.mask_R11T[:B])
+        for cache in state.caches:
+            cache.keep_rows(B)
+        state.branches = 1
 
     def accumulate(self, state: InfinityState, tokens_BLC: torch.Tensor, stage: int) -> None:
         h, w = state.schedule[stage - 1]

@@ -163,6 +163,15 @@ class TinyBackend:
         h, w = state.schedule[stage - 1]
         return sample_bits(pred_RnV, state.branches, self.sampling, generators, h * w, positions_Bn)
 
+    def drop_guidance(self, state: TinyState) -> None:
+        B, cond, text = state.batch, state.cond, state.text
+        state.cond = Conditioning([tuple(t[:B] for t in mod) for mod in cond.blocks], tuple(t[:B] for t in cond.head))
+        state.text = TextContext([(k[:B], v[:B]) for k, v in text.kv], None if text.mask_R11T is None
+                                 else text.mask_R11T[:B])
+        for cache in state.caches:
+            cache.keep_rows(B)
+        state.branches = 1
+
     def accumulate(self, state: TinyState, tokens_BLC: torch.Tensor, stage: int) -> None:
         h, w = state.schedule[stage - 1]
         r_BChw = tokens_BLC.float().transpose(1, 2).reshape(state.batch, -1, h, w)
