@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sparsevar.config import FastVARConfig, SpeedupConfig
+from sparsevar.config import FastVARConfig
 
 Branch = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (tokens (R, k, C), their indices) -> output
 
@@ -111,14 +111,3 @@ class FastVARRun:
         if stage != self.cfg.cache_stage and stage not in self.cfg.prune:
             return None
         return StagePruning(self, stage, self.schedule[stage - 1], positions_Rn)
-
-
-def released_shapes(stages: int, depth: int) -> tuple[SpeedupConfig, SpeedupConfig]:
-    """FastVAR's released settings carried over to a schedule of `stages` stages and `depth` blocks. Infinity-2B:
-    the stages at 24, 32 and 40 of 64 tokens a side cache and prune (by 0.4, 0.5), in blocks 4 to 28 of 32, and
-    the last two are skipped; HART-0.7B: the stages at 36, 48 and 64 cache and prune (by 0.5, 0.75), all blocks.
-    On the demo model (sides 6, 8, 10, 13, 16 of its last five stages) that is stages 6-8 and 8-10."""
-    s = stages
-    infinity = FastVARConfig(cache_stage=s - 4, prune={s - 3: 0.4, s - 2: 0.5}, layers=(2, max(2, depth - 1)))
-    hart = FastVARConfig(cache_stage=s - 2, prune={s - 1: 0.5, s: 0.75})
-    return SpeedupConfig(skip_last_stages=2, fastvar=infinity), SpeedupConfig(fastvar=hart)

@@ -24,12 +24,12 @@ import torch
 from actors.config import JobConfig
 from sparsevar.backend import Backend
 from sparsevar.backends import build_backend
-from sparsevar.config import SparseVARConfig, SpeedupConfig
+from sparsevar.config import SparseVARConfig
 from sparsevar.demo.scenes import held_out_captions
 from sparsevar.demo.yardstick import Judge, demo_judge
-from sparsevar.fastvar import released_shapes
 from sparsevar.flops import flops_ratio
 from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate
+from sparsevar.speedups import Setting, compared
 from storage.checkpoints import localize_checkpoints
 from storage.metadata import read_metadata
 from workflows.config import ConfigError, load_config
@@ -39,9 +39,6 @@ PROMPTS = held_out_captions(8)  # in the demo model's domain, so that its yardst
 
 def requests(n: int, offset: int = 0) -> list[Request]:
     return [Request(PROMPTS[(offset + i) % len(PROMPTS)], seed=offset + i) for i in range(n)]
-
-
-Setting = tuple[str, SparseVARConfig, SpeedupConfig]  # label, SparseVAR, the other speed-ups
 
 
 def timed_runs(backend: Backend, batch: list[Request], settings: list[Setting],
@@ -65,7 +62,7 @@ def summarise(backend: Backend, batch: list[Request], sv: SparseVARConfig, runs:
     stages = []
     for i, stage in enumerate(runs[0][0].stages):
         stages.append({
-            "stage": stage.stage, "tokens": stage.tokens,
+            "stage": stage.stage, "tokens": stage.tokens, "branches": stage.branches,
             "latency_ms": statistics.median(run[0].stages[i].latency_ms for run in runs) / B,
             "kept_ratio": statistics.mean(img.stages[i].kept / stage.tokens for img in runs[0]),
             "overhead_ms": statistics.median(run[0].stages[i].overhead_ms for run in runs) / B,
@@ -96,16 +93,7 @@ def settings(sv: SparseVARConfig, taus: list[float], kept: list[float], speedups
     out += [(f"quantile τ={round(1 - k, 6)}", on.model_copy(update={"normalize": "quantile", "tau": round(1 - k, 6)}),
              none) for k in kept]
     if speedups:
-        infinity_shape, hart_shape = released_shapes(stages, depth)
-        prune_only = infinity_shape.model_copy(update={"skip_last_stages": 0})
-        for k in (1, 2):
-            out += [(f"dense, last {k} skipped", dense, SpeedupConfig(skip_last_stages=k)),
-                    (f"{on.normalize} τ={on.tau}, last {k} skipped", on, SpeedupConfig(skip_last_stages=k))]
-        out += [("FastVAR, Infinity-2B's shape", dense, infinity_shape),
-                ("FastVAR, Infinity-2B's shape without the skip", dense, prune_only),
-                ("FastVAR, HART-0.7B's shape", dense, hart_shape)]
-        if on.start_stage > prune_only.fastvar.cache_stage:
-            out += [(f"{on.normalize} τ={on.tau} + FastVAR, Infinity-2B's shape without the skip", on, prune_only)]
+        out += compared(sv, stages, depth)
     return out
 
 

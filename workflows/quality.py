@@ -22,8 +22,8 @@ from sparsevar.calibration import psnr_db
 from sparsevar.config import SparseVARConfig, SpeedupConfig
 from sparsevar.demo.scenes import held_out
 from sparsevar.demo.yardstick import Yardstick, load_yardstick, pixels
-from sparsevar.fastvar import released_shapes
 from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate
+from sparsevar.speedups import compared
 from workflows.config import ConfigError, load_config
 
 
@@ -41,18 +41,7 @@ def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, st
     rows += [("start", f"P={p}", on.model_copy(update={"start_stage": p})) for p in range(stages - 3, stages + 1)]
     rows += [("block", f"s={s}", on.model_copy(update={"score_block": s})) for s in range(1, depth + 1)]
     measured = [(table, label, config, NO_SPEEDUPS) for table, label, config in rows]
-    for k in (1, 2):
-        skip = SpeedupConfig(skip_last_stages=k)
-        measured += [("speedups", f"dense, last {k} skipped", dense, skip),
-                     ("speedups", f"τ={sv.tau}, last {k} skipped", on, skip)]
-    infinity_shape, hart_shape = released_shapes(stages, depth)
-    prune_only = infinity_shape.model_copy(update={"skip_last_stages": 0})
-    measured += [("speedups", "FastVAR, Infinity-2B's shape", dense, infinity_shape),
-                 ("speedups", "FastVAR, Infinity-2B's shape without the skip", dense, prune_only),
-                 ("speedups", "FastVAR, HART-0.7B's shape", dense, hart_shape)]
-    if on.start_stage > prune_only.fastvar.cache_stage:  # FastVAR restores from a stage SparseVAR leaves whole
-        measured += [("speedups", f"τ={sv.tau} + FastVAR, Infinity-2B's shape without the skip", on, prune_only),
-                     ("speedups", f"τ={sv.tau} + FastVAR, Infinity-2B's shape", on, infinity_shape)]
+    measured += [("speedups", label, config, speedups) for label, config, speedups in compared(sv, stages, depth)]
     return measured
 
 
