@@ -22,13 +22,13 @@ from sparsevar.backends.hart import folders
 from sparsevar.backends.hart.config import HartConfig
 from sparsevar.backends.hart.diffusion import ResidualSampler
 from sparsevar.backends.hart.folders import TokenizerArch, TransformerArch
-from sparsevar.backends.hart.rope import rope_1d, rope_2d, take
+from sparsevar.backends.hart.rope import rope_1d, rope_2d
 from sparsevar.backends.hart.sampling import normals, sample_embeddings, stage_ratio
 from sparsevar.backends.hart.text import QwenTextEncoder
 from sparsevar.backends.hart.tokenizer import TRAINING_ONLY, HybridTokenizer
 from sparsevar.backends.hart.transformer import Conditioning, HartTransformer
 from sparsevar.config import SamplingConfig
-from sparsevar.fastvar import StagePruning
+from sparsevar.fastvar import StagePruning, take
 from sparsevar.graphs import GraphMode
 from sparsevar.packing import Padding, worth_packing
 from sparsevar.state_dicts import check_entries, read_state_dict
@@ -183,7 +183,8 @@ class HartBackend(GraphMode):
             cos_sin = rope_1d(state.context_pos_RT, hd)
         else:
             pn = state.schedule[stage - 1][0]
-            cos_sin = take(rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd), positions_Rn)
+            cos_sin = rope_2d(pn, state.schedule[-1][0], state.context_pos_RT[:, -1], hd)
+            cos_sin = cos_sin if positions_Rn is None else take(cos_sin, positions_Rn, 2)
 
         def run(x_RnC: torch.Tensor, cos_sin: torch.Tensor, valid_Rn: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -46,14 +46,6 @@ def rope_2d(pn: int, pn_last: int, offset_R: torch.Tensor, head_dim: int) -> tor
     return _cos_sin(angles_RLD)
 
 
-def take(cos_sin_2RLD: torch.Tensor, positions_Rn: torch.Tensor | None) -> torch.Tensor:
-    """The table's rows at the given flat positions (None: all, in order)."""
-    if positions_Rn is None:
-        return cos_sin_2RLD
-    index = positions_Rn[None, :, :, None].expand(2, -1, -1, cos_sin_2RLD.shape[-1])
-    return torch.gather(cos_sin_2RLD, 2, index)
-
-
 def apply_rope(x_RHLD: torch.Tensor, cos_sin_2RLD: torch.Tensor) -> torch.Tensor:
     """x·cos + rotate_half(x)·sin, rotate_half(x) = [-x[D/2:], x[:D/2]]; x may carry leading dims (queries and
     keys stacked)."""
