@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from urllib.parse import urlsplit
 
 from pyarrow import fs
@@ -60,3 +61,13 @@ def join(base: str, *parts: str) -> str:
     else:
         joined = head + "/" + "/".join(pieces)
     return f"{scheme}{sep}{joined}"
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> str:
+    """Write one small file (a record, a page, a plot) to a local path or object store; returns the URI."""
+    filesystem, path = resolve(uri, endpoint_url)
+    if isinstance(filesystem, fs.LocalFileSystem):  # object stores have no folders to make
+        filesystem.create_dir(posixpath.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+    return uri

@@ -34,7 +34,7 @@ from sparsevar.calibration import calibrate
 from sparsevar.demo.yardstick import demo_judge
 from sparsevar.generate import Request, first_sparse_stage
 from storage.prompts import normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
-from storage.uris import join, resolve
+from storage.uris import join, resolve, write_bytes
 from workflows.calibration_plot import plot_calibration
 from workflows.config import ConfigError, load_config
 
@@ -114,9 +114,7 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int, taus: list[float]
     title = (f"{backend.name}, batch {cfg.ray.batch_size}, normalize={cfg.sparsevar.normalize}, "
              f"{len(requests)} prompts on {backend.device}")
     first_sparse = first_sparse_stage(cfg.sparsevar.model_copy(update={"enabled": True}))
-    filesystem, plot_path = resolve(join(output, PLOT_NAME), endpoint)
-    with filesystem.open_output_stream(plot_path) as stream:
-        stream.write(plot_calibration(table, first_sparse, title))
+    write_bytes(join(output, PLOT_NAME), plot_calibration(table, first_sparse, title), endpoint)
     return table
 
 

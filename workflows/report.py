@@ -30,7 +30,7 @@ from pyarrow import fs
 from sparsevar.calibration import psnr_db
 from storage.metadata import read_metadata
 from storage.shards import read_stored_images
-from storage.uris import join, resolve
+from storage.uris import join, resolve, write_bytes
 from workflows import report_charts as charts
 from workflows.report_page import SCRIPT, STYLE
 
@@ -216,29 +216,19 @@ def build_report(output: str, endpoint_url: str | None = None, gallery_size: int
     return page(f"sparsevar report: {output}", body, items)
 
 
-def write_page(uri: str, text: str, endpoint_url: str | None) -> str:
-    filesystem, path = resolve(uri, endpoint_url)
-    if isinstance(filesystem, fs.LocalFileSystem):
-        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode("utf-8"))
-    return uri
-
-
 def write_report(output: str, endpoint_url: str | None = None, gallery_size: int = 24) -> str:
     """Write `{output}/report/index.html`; returns its URI."""
-    return write_page(join(output, REPORT_DIR, REPORT_FILE), build_report(output, endpoint_url, gallery_size),
-                      endpoint_url)
+    return write_bytes(join(output, REPORT_DIR, REPORT_FILE), build_report(output, endpoint_url, gallery_size)
+                       .encode(), endpoint_url)
 
 
 def yardstick_scores(record: dict[str, Any] | None, images: list[np.ndarray], prompts: list[str]) -> list[float] | None:
     """The demo yardstick's score of each image, when the run used the shipped demo model."""
-    model = (record or {}).get("config", {}).get("model", {})
-    if model.get("backend") != "tiny" or model.get("weights") != "demo":
-        return None
-    from sparsevar.demo.yardstick import load_yardstick, pixels
+    from sparsevar.demo.yardstick import demo_yardstick, pixels
 
-    return load_yardstick().score(pixels(np.stack(images)), prompts).tolist()
+    model = (record or {}).get("config", {}).get("model", {})
+    yardstick = demo_yardstick(model.get("backend"), model.get("weights"))
+    return None if yardstick is None else yardstick.score(pixels(np.stack(images)), prompts).tolist()
 
 
 def build_comparison(a: str, b: str, endpoint_url: str | None = None, gallery_size: int = 24) -> str:
@@ -302,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either OUTPUT or --compare A B")
     try:
         if args.compare:
-            out = args.out or join(args.compare[0], REPORT_DIR, "compare.html")
-            uri = write_page(out, build_comparison(*args.compare, args.endpoint_url, args.gallery), args.endpoint_url)
-        elif args.out:
-            uri = write_page(args.out, build_report(args.output, args.endpoint_url, args.gallery), args.endpoint_url)
+            target = args.out or join(args.compare[0], REPORT_DIR, "compare.html")
+            page = build_comparison(*args.compare, args.endpoint_url, args.gallery)
         else:
-            uri = write_report(args.output, args.endpoint_url, args.gallery)
+            target = args.out or join(args.output, REPORT_DIR, REPORT_FILE)
+            page = build_report(args.output, args.endpoint_url, args.gallery)
+        uri = write_bytes(target, page.encode(), args.endpoint_url)
     except (OSError, ValueError) as exc:
         print(f"error: cannot make the report: {exc}", file=sys.stderr)
         return 2

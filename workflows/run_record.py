@@ -6,7 +6,6 @@ to do leaves the dataset's counts as they were)."""
 import json
 import logging
 import platform
-import posixpath
 import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import fs
 
-from storage.uris import join, resolve
+from storage.uris import join, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -51,13 +50,7 @@ def redact(value: Any) -> Any:
 
 
 def _write_json(output: str, name: str, record: dict[str, Any], endpoint_url: str | None) -> str:
-    uri = join(output, name)
-    filesystem, path = resolve(uri, endpoint_url)
-    if isinstance(filesystem, fs.LocalFileSystem):  # object stores have no folders to make
-        filesystem.create_dir(posixpath.dirname(path), recursive=True)
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(json.dumps(redact(record), indent=2).encode())
-    return uri
+    return write_bytes(join(output, name), json.dumps(redact(record), indent=2).encode(), endpoint_url)
 
 
 def write_run_json(output: str, record: dict[str, Any], endpoint_url: str | None = None) -> str:

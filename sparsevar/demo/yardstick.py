@@ -72,9 +72,15 @@ def load_yardstick(path: Path = SHIPPED) -> Yardstick:
     return yardstick.eval().requires_grad_(False)
 
 
+def demo_yardstick(backend: str | None, weights: str | None) -> Yardstick | None:
+    """The yardstick, when a model config (its backend and weights) names the shipped demo model: it judges that
+    model's domain only."""
+    return load_yardstick() if backend == "tiny" and weights == "demo" else None
+
+
 def demo_judge(model_cfg) -> Judge | None:
     """Mean yardstick score of pictures against their prompts, when the model is the shipped demo model."""
-    if getattr(model_cfg, "backend", None) != "tiny" or model_cfg.weights != "demo":
+    yardstick = demo_yardstick(getattr(model_cfg, "backend", None), getattr(model_cfg, "weights", None))
+    if yardstick is None:
         return None
-    yardstick = load_yardstick()
     return lambda images, prompts: float(yardstick.score(pixels(np.stack(images)), prompts).mean())
