@@ -84,8 +84,7 @@ def summarise(backend: Backend, batch: list[Request], sv: SparseVARConfig, runs:
 def settings(sv: SparseVARConfig, taus: list[float], kept: list[float], speedups: bool = False,
              stages: int = 0, depth: int = 0) -> list[Setting]:
     """Dense, min-max at each τ, and quantile at each kept fraction (τ = the fraction left out); with `speedups`,
-    the other speed-ups too (the last one or two stages skipped; FastVAR in its released shapes, carried over to
-    `stages` and `depth`), alone and with the config's SparseVAR where they compose."""
+    the other speed-ups too (`sparsevar.speedups.compared`)."""
     none = NO_SPEEDUPS
     dense, on = sv.model_copy(update={"enabled": False}), sv.model_copy(update={"enabled": True})
     out: list[Setting] = [("dense", dense, none)]
@@ -305,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                         "median round's")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the Ray pipeline comparison")
     parser.add_argument("--speedups", action="store_true", help="also time the other speed-ups (last stages "
-                        "skipped, FastVAR in its released shapes), alone and with SparseVAR (docs/accelerations.md)")
+                        "skipped, FastVAR in its released shapes, guidance on the first stages only), alone and with "
+                        "SparseVAR (docs/accelerations.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
