@@ -20,7 +20,7 @@ def released_shapes(stages: int, depth: int) -> tuple[SpeedupConfig, SpeedupConf
 def compared(sv: SparseVARConfig, stages: int, depth: int) -> list[Setting]:
     """Every other speed-up alone (on dense) and with the config's SparseVAR where they compose: the last one or
     two stages skipped; FastVAR in its released shapes (`released_shapes`); guidance on the first half of the
-    stages, or on all but the last two."""
+    stages, or on all but the last two or the last one."""
     dense, on = sv.model_copy(update={"enabled": False}), sv.model_copy(update={"enabled": True})
     sparse = f"{on.normalize} τ={on.tau}"
     out: list[Setting] = []
@@ -35,7 +35,7 @@ def compared(sv: SparseVARConfig, stages: int, depth: int) -> list[Setting]:
     if on.start_stage > prune_only.fastvar.cache_stage:  # FastVAR restores from a stage SparseVAR leaves whole
         out += [(f"{sparse} + FastVAR, Infinity-2B's shape without the skip", on, prune_only),
                 (f"{sparse} + FastVAR, Infinity-2B's shape", on, infinity_shape)]
-    for n in sorted({stages // 2, stages - 2}):
+    for n in sorted({stages // 2, stages - 2, stages - 1}):
         guidance = SpeedupConfig(guidance_stages=n)
         out += [(f"dense, guidance on stages 1-{n}", dense, guidance),
                 (f"{sparse}, guidance on stages 1-{n}", on, guidance)]

@@ -40,7 +40,7 @@ def test_bench_writes_every_figure_of_the_issue(ray_cluster, tmp_path, capsys):
         first = [(r["mode"], r["normalize"], r["tau"]) for r in rows if r["batch_size"] == b][:3]
         assert first == settings
     labels = [r["setting"] for r in rows if r["batch_size"] == 1]
-    assert labels[:3] == ["dense", "minmax τ=0.6", "quantile τ=0.5"] and len(labels) == 16
+    assert labels[:3] == ["dense", "minmax τ=0.6", "quantile τ=0.5"] and len(labels) == 18
     assert "FastVAR, HART-0.7B's shape" in labels and "minmax τ=0.6, last 2 skipped" in labels
     cut = next(r for r in rows if r["setting"] == "minmax τ=0.6, guidance on stages 1-6")
     assert [s["branches"] for s in cut["stages"]] == [2] * 6 + [1, 1] and cut["flops_ratio"] > 1

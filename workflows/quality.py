@@ -32,7 +32,7 @@ def settings(sv: SparseVARConfig, depth: int, stages: int) -> list[tuple[str, st
     on = sv.model_copy(update={"enabled": True})
     dense = sv.model_copy(update={"enabled": False})
     rows = [("tau", "dense", dense)]
-    rows += [("tau", f"τ={t}", on.model_copy(update={"tau": t})) for t in (0.4, 0.5, 0.6, 0.7)]
+    rows += [("tau", f"{on.normalize} τ={t}", on.model_copy(update={"tau": t})) for t in (0.4, 0.5, 0.6, 0.7)]
     for tau in (0.5, 0.7):
         quantile = on.model_copy(update={"normalize": "quantile", "tau": tau})
         rows += [("random", f"frequency, quantile τ={tau}", quantile),
