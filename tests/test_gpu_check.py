@@ -50,3 +50,8 @@ def test_run_sh_without_a_gpu_runs_the_smoke_check_and_writes_its_files(tmp_path
     assert {(r["model"], r["graphs"]) for r in rows} == {(m, g) for m in ("infinity-2b", "hart-0.7b")
                                                          for g in (False, True)}
     assert "| infinity-2b | 2 | dense graphs |" in (out / "smoke.md").read_text()
+    # the other speed-ups: eager rows; only the stage skip (no tensors changed mid-way) in graph mode too
+    eager = {r["setting"] for r in rows if not r["graphs"]}
+    graphed = {r["setting"] for r in rows if r["graphs"]}
+    assert {"FastVAR, HART-0.7B's shape", "dense, last 1 skipped", "dense, guidance on stages 1-6"} <= eager
+    assert "dense, last 1 skipped" in graphed and not any("FastVAR" in s or "guidance" in s for s in graphed)

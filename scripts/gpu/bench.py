@@ -39,10 +39,11 @@ sys.path.insert(0, str(REPO))
 
 from sparsevar import packing  # noqa: E402
 from sparsevar.backends import resolve_device  # noqa: E402
-from sparsevar.config import SamplingConfig, SparseVARConfig  # noqa: E402
+from sparsevar.config import SamplingConfig, SparseVARConfig, SpeedupConfig  # noqa: E402
 from sparsevar.flops import flops_ratio  # noqa: E402
-from sparsevar.generate import ImageResult, Request, first_sparse_stage, generate  # noqa: E402
+from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate  # noqa: E402
 from sparsevar.group_norm import GroupNorm  # noqa: E402
+from sparsevar.speedups import Setting, compared  # noqa: E402
 
 PROMPTS = ["a photo of a red fox in the snow", "a bowl of ramen on a wooden table, studio lighting",
            "an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dusk",
@@ -84,11 +85,21 @@ def build_hart(model: dict, sampling: SamplingConfig, smoke: bool, device, dtype
     return HartBackend(cfg, sampling, parts, device, dtype)
 
 
-def settings(name: str, sv: SparseVARConfig, smoke: bool, normalize: list[str]) -> list[SparseVARConfig]:
+def settings(name: str, sv: SparseVARConfig, smoke: bool, normalize: list[str], backend=None) -> list[Setting]:
     """Dense, then the config's SparseVAR with each of `normalize`'s score normalisations (the smoke run moves P
-    and s into range)."""
+    and s into range); with a backend (--speedups), the other speed-ups on its schedule and depth, alone and with
+    the first of those SparseVARs (`sparsevar.speedups.compared`)."""
     sv = sv.model_copy(update=SMOKE_STAGES[name] if smoke else {})
-    return [sv.model_copy(update={"enabled": False}), *(sv.model_copy(update={"normalize": n}) for n in normalize)]
+    out = [("dense", sv.model_copy(update={"enabled": False}), NO_SPEEDUPS)]
+    out += [(f"{n} τ={sv.tau}", sv.model_copy(update={"normalize": n}), NO_SPEEDUPS) for n in normalize]
+    if backend is not None:
+        out += compared(sv.model_copy(update={"normalize": normalize[0]}), len(backend.schedule(1.0)), backend.depth)
+    return out
+
+
+def graph_ready(speedups: SpeedupConfig) -> bool:
+    """FastVAR and the guidance cut change a generation's tensors mid-way: eager rows only (a clear error else)."""
+    return not speedups.fastvar.prune and speedups.guidance_stages is None
 
 
 class PhaseUpsample(torch.nn.Module):
@@ -233,7 +244,7 @@ def batch_of(size: int, run: int) -> list[Request]:
     return [Request(PROMPTS[(i + run) % len(PROMPTS)], seed=1000 * run + i) for i in range(size)]
 
 
-def measure(backend, batch: int, variants: list[tuple[SparseVARConfig, bool]], graphs: bool, warmup: int,
+def measure(backend, batch: int, variants: list[tuple[Setting, bool]], graphs: bool, warmup: int,
             runs: int) -> list[dict]:
     """The figures of each (setting, packed) variant of one model, batch and mode, from `runs` rounds that run
     every variant once in turn, so that a drift in the machine's speed falls on all of them alike.
@@ -245,29 +256,30 @@ def measure(backend, batch: int, variants: list[tuple[SparseVARConfig, bool]], g
     device = backend.device
     counters = getattr(backend, "graphs", None)
     reference: list[list[ImageResult] | None] = []
-    for sv, pack in variants:
+    for (_, sv, speedups), pack in variants:
         with packed(pack):
             for k in range(1, warmup + 1):
-                generate(backend, batch_of(batch, -k), sv)
-            first = [generate(backend, batch_of(batch, run), sv) for run in range(1, runs + 1)] if graphs else []
+                generate(backend, batch_of(batch, -k), sv, speedups)
+            first = [generate(backend, batch_of(batch, run), sv, speedups)
+                     for run in range(1, runs + 1)] if graphs else []
             for run in range(1, runs + 1) if graphs else ():
-                generate(backend, batch_of(batch, run), sv)
+                generate(backend, batch_of(batch, run), sv, speedups)
         reference.append(first[0] if first else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     results: list[list[list[ImageResult]]] = [[] for _ in variants]
     timed = [[0, 0] for _ in variants]  # while timing: graph captures (each costs a sync) and replays
     for run in range(1, runs + 1):
-        for i, (sv, pack) in enumerate(variants):
+        for i, ((_, sv, speedups), pack) in enumerate(variants):
             before = (counters.captures, counters.replays) if counters else (0, 0)
             with packed(pack):
-                results[i].append(generate(backend, batch_of(batch, run), sv, profile=True))
+                results[i].append(generate(backend, batch_of(batch, run), sv, speedups, profile=True))
             if counters:
                 timed[i][0] += counters.captures - before[0]
                 timed[i][1] += counters.replays - before[1]
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return [figures(backend, batch, sv, results[i], reference[i], timed[i] if counters else None, peak_gib)
-            for i, (sv, _) in enumerate(variants)]
+            for i, ((_, sv, _), _) in enumerate(variants)]
 
 
 def figures(backend, batch: int, sv: SparseVARConfig, results: list[list[ImageResult]],
@@ -310,8 +322,7 @@ def packed(enabled: bool) -> Iterator[None]:
 
 
 def setting(row: dict) -> str:
-    name = "dense" if row["mode"] == "dense" else f"{row['normalize']} τ={row['tau']}"
-    return name + (" graphs" if row.get("graphs") else "") + (" unpacked" if row.get("packed") is False else "")
+    return row["setting"] + (" graphs" if row.get("graphs") else "") + (" unpacked" if row["packed"] is False else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -372,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="start no new row after this many seconds from the start; the table and JSON keep "
                         "what was measured (rows run batch by batch, eager then graphs)")
+    parser.add_argument("--speedups", action="store_true", help="also the other speed-ups (docs/accelerations.md): "
+                        "eager rows only where they change tensors mid-way (FastVAR, the guidance cut)")
     parser.add_argument("--smoke", action="store_true", help="tiny architectures and schedules, for a CPU check")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -403,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = build(model, SamplingConfig(**config["sampling"]), args.smoke, device, dtype)
         if args.compile:
             compile_blocks(backend)
-        backends[name] = backend, settings(name, SparseVARConfig(**config["sparsevar"]), args.smoke, args.normalize)
+        backends[name] = backend, settings(name, SparseVARConfig(**config["sparsevar"]), args.smoke, args.normalize,
+                                           backend if args.speedups else None)
         params = sum(p.numel() for p in backend.model.parameters()) / 1e9
         log(f"built {name}{' (smoke)' if args.smoke else ''}: {params:.3f}B transformer params, {dtype}, "
             f"{len(backend.schedule(1.0))} stages up to {backend.schedule(1.0)[-1]}")
@@ -429,20 +443,22 @@ def main(argv: list[str] | None = None) -> int:
             if graphs:
                 backend.use_cuda_graphs(True)
             can_pack = batch > 1 and not graphs  # graphs run padded shapes; a single image has none
-            variants = [(s, p) for s in svs
-                        for p in ([True, False] if args.unpacked and can_pack and s.enabled else [True])]
+            runnable = [s for s in svs if not graphs or graph_ready(s[2])]
+            variants = [(s, p) for s in runnable for p in ([True, False] if args.unpacked and can_pack
+                                                             and s[1].enabled and s[2] == NO_SPEEDUPS else [True])]
             left = args.deadline_s is None or time.perf_counter() - started < args.deadline_s
             if not left:
                 meta.setdefault("not_run_past_deadline", []).append(f"{name} B={batch} graphs={graphs}")
                 continue
-            for (sv, pack), measured in zip(variants, measure(backend, batch, variants, graphs, warmup, runs),
-                                            strict=True):  # dense first
-                row = {"model": name, "batch": batch, "graphs": graphs,
+            for ((label, sv, speedups), pack), measured in zip(
+                    variants, measure(backend, batch, variants, graphs, warmup, runs), strict=True):  # dense first
+                row = {"model": name, "batch": batch, "graphs": graphs, "setting": label,
                        "packed": pack if can_pack and sv.enabled else None,  # None: nothing to pack
                        "mode": "sparse" if sv.enabled else "dense",
                        "normalize": sv.normalize if sv.enabled else None,
-                       "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(), **measured}
-                if not sv.enabled:
+                       "tau": sv.tau if sv.enabled else None, "sparsevar": sv.model_dump(),
+                       "speedups": speedups.model_dump(), **measured}
+                if label == "dense":
                     dense_ms = row["latency_ms"]
                     eager_dense_ms.setdefault((name, batch), dense_ms)
                 row["speedup"] = dense_ms / row["latency_ms"]

@@ -27,7 +27,7 @@ cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))") || exit
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'transformers', transformers.__version__, 'pydantic', pydantic.__version__)"
 } >"$out/env.txt" 2>&1
-smoke=(--smoke --cuda-graphs --decode-experiment --unpacked --out "$out/smoke.json")
+smoke=(--smoke --cuda-graphs --decode-experiment --unpacked --speedups --out "$out/smoke.json")
 timeout 300 python3 scripts/gpu/bench.py "${smoke[@]}" 2>&1 | tee "$out/smoke.log"
 status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then echo "run.sh: smoke run failed (exit $status), full-size rows not run"; exit "$status"; fi
