@@ -183,6 +183,21 @@ def test_tau_one_keeps_only_the_anchors(ray_cluster, fast_overrides, tmp_path):
             assert s["kept"] == expected, (row["prompt_id"], s)
 
 
+def test_the_other_speedups_land_in_the_per_stage_metadata(ray_cluster, fast_overrides, tmp_path):
+    """FastVAR pruning at stage 5 from stage 4's cache, guidance on stages 1-6, the last of 8 stages skipped."""
+    overrides = [*fast_overrides, "speedups.fastvar.cache_stage=4", "speedups.fastvar.prune={5: 0.5}",
+                 "speedups.guidance_stages=6", "speedups.skip_last_stages=1"]
+    assert run_job(SAMPLE, tmp_path, overrides) == EXIT_OK
+    depth = load_config(CONFIG, overrides).model.depth
+    for row in rows_by_id(tmp_path).values():
+        assert_ok_row(row, tmp_path)
+        stages = row["stages"]
+        assert [s["branches"] for s in stages] == [2] * 6 + [1, 0]
+        assert stages[-1]["kept"] == 0 and stages[-1]["latency_ms"] == 0.0
+        # stage 4 caches, stage 5 (6x6) leaves half its tokens out of every block's sub-layers
+        assert [(s["pruned"], s["pruned_blocks"]) for s in stages[3:5]] == [(0, 0), (6 * 6 // 2, depth)]
+
+
 def test_malformed_rows_become_error_rows_and_the_rest_is_generated(ray_cluster, fast_overrides, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
