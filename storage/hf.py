@@ -13,6 +13,7 @@ imported (a process's environment, as a Ray worker's).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -25,6 +26,9 @@ from huggingface_hub.errors import (
 )
 
 SCHEME = "hf://"
+# Weights of other frameworks, which no torch loader here reads: left out of folders and whole repos, where they can
+# be most of the bytes (google/flan-t5-xl holds its weights as Flax and TensorFlow files too).
+OTHER_FRAMEWORKS = ("*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.tflite", "*.ot")
 
 
 class HubError(RuntimeError):
@@ -60,8 +64,10 @@ def download(uri: str) -> Path:
     """The local path (in huggingface_hub's cache) of the file or folder an hf:// URI names, fetched if needed."""
     where = parse(uri)
     patterns = [where.path, f"{where.path}/*"] if where.path else None
+    skipped = [pattern for pattern in OTHER_FRAMEWORKS if not fnmatch(where.path, pattern)]  # unless named
     try:
-        snapshot = Path(snapshot_download(where.repo_id, revision=where.revision, allow_patterns=patterns))
+        snapshot = Path(snapshot_download(where.repo_id, revision=where.revision, allow_patterns=patterns,
+                                          ignore_patterns=skipped))
     except RevisionNotFoundError:
         raise HubError(f"checkpoint {uri}: repo {where.repo_id} has no revision {where.revision!r} on "
                        f"{constants.ENDPOINT}; give a branch, tag or commit of it after @") from None

@@ -123,7 +123,8 @@ def hub():
                                              "infinity_8b_weights/model.safetensors.index.json": b"{}",
                                              "infinity_8b_weights/model-00001-of-00001.safetensors": b"shard"})
     server.add("FoundationVision/Infinity", {"infinity_2b_reg.pth": OLD}, COMMIT_V1, "v1")
-    server.add("google/flan-t5-xl", {"config.json": b"{}", "spiece.model": b"sp"}, "c" * 40)
+    server.add("google/flan-t5-xl", {"config.json": b"{}", "spiece.model": b"sp", "flax_model.msgpack": b"flax",
+                                     "tf_model.h5": b"tf"}, "c" * 40)
     server.add("acme/private", {"model.pth": b"secret"}, "d" * 40)
     server.private.add("acme/private")
     try:
@@ -184,21 +185,24 @@ def test_uri_grammar_is_huggingface_hubs():
 
 def test_files_folders_and_repos_at_a_revision_download_into_the_hub_cache(hub, tmp_path):
     sha = hashlib.sha256(DATA).hexdigest()
-    file, old, pinned, folder, repo, bad = fetch(
+    file, old, pinned, folder, repo, bad, named = fetch(
         hub_env(hub, tmp_path), ("hf://FoundationVision/Infinity/infinity_2b_reg.pth", sha, len(DATA)),
         "hf://FoundationVision/Infinity@v1/infinity_2b_reg.pth",
         f"hf://FoundationVision/Infinity@{COMMIT_V1}/infinity_2b_reg.pth",
         "hf://FoundationVision/Infinity/infinity_8b_weights", "hf://google/flan-t5-xl",
-        ("hf://FoundationVision/Infinity/infinity_vae_d32reg.pth", "00" * 32, None))
+        ("hf://FoundationVision/Infinity/infinity_vae_d32reg.pth", "00" * 32, None),
+        "hf://google/flan-t5-xl/tf_model.h5")
     assert Path(file["path"]).read_bytes() == DATA and file["path"].startswith(str(tmp_path / "hf"))
     assert Path(old["path"]).read_bytes() == OLD and Path(pinned["path"]).read_bytes() == OLD
     assert sorted(p.name for p in Path(folder["path"]).iterdir()) == [
         "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     assert (Path(repo["path"]) / "spiece.model").read_bytes() == b"sp"
+    assert not any(path.endswith(".msgpack") for path in hub.downloads())  # Flax's weights stay on the Hub
     assert "infinity_vae_d32reg.pth has sha256" in bad["error"]
+    assert Path(named["path"]).read_bytes() == b"tf"  # TensorFlow's, but named
     # a file in a folder is fetched alone: the folder's other files and the repo's other files stay on the Hub
     assert hub.downloads()["/FoundationVision/Infinity/resolve/" + COMMIT_MAIN + "/infinity_vae_d32reg.pth"] == 1
-    assert sum(hub.downloads().values()) == 7
+    assert sum(hub.downloads().values()) == 8
 
 
 def test_missing_files_revisions_and_repos_name_the_uri_and_the_fix(hub, tmp_path):
