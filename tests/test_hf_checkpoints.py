@@ -261,3 +261,49 @@ def test_the_example_configs_name_the_official_repos():
     assert repos["hart-0.7b"] == {"llm": ("mit-han-lab/hart-0.7b-1024px", "llm"),
                                   "tokenizer": ("mit-han-lab/hart-0.7b-1024px", "tokenizer"),
                                   "text_encoder": ("mit-han-lab/Qwen2-VL-1.5B-Instruct", "")}
+
+
+GENERATE = """
+import hashlib, json, sys
+from actors.generator import Generator
+from sparsevar.config import SparseVARConfig
+from sparsevar.generate import Request, generate
+actor = Generator(json.loads(sys.argv[1]), None)
+[image] = generate(actor.backend, [Request("a red cat on a sofa", 1)], SparseVARConfig(enabled=False))
+print(json.dumps({"model": actor.cfg.model.model_dump(), "fingerprint": actor.weights_fingerprint,
+                  "pixels": hashlib.sha256(image.pixels_HWC.tobytes()).hexdigest()}))
+"""
+
+
+def test_a_generation_actor_loads_hart_from_the_hub_as_from_local_folders(hub, tmp_path):
+    """A tiny random-weight HART in the official repos' layout, served by the loopback Hub, loaded by the job's
+    actor: the same images and weights fingerprint as from the local folders."""
+    from sparsevar.backends import build_backend
+    from sparsevar.backends.hart.config import HartConfig
+    from sparsevar.backends.hart.testing import TINY_ARCH, TINY_TOK, TextArch, write_folders
+    from sparsevar.config import SamplingConfig, SparseVARConfig
+    from sparsevar.generate import Request, generate
+    from storage.checkpoints import fingerprint
+
+    folders = write_folders(tmp_path / "hart", TINY_ARCH, TINY_TOK, TextArch(hidden_size=TINY_ARCH.context_dim))
+    hub.add("mit-han-lab/hart-0.7b-1024px", {f"{role}/{p.name}": p.read_bytes() for role in ("llm", "tokenizer")
+                                             for p in getattr(folders, role).iterdir()}, "e" * 40)
+    hub.add("mit-han-lab/Qwen2-VL-1.5B-Instruct", {p.name: p.read_bytes() for p in folders.text_encoder.iterdir()},
+            "f" * 40)
+    model = {"backend": "hart", "llm": "hf://mit-han-lab/hart-0.7b-1024px/llm",
+             "tokenizer": "hf://mit-han-lab/hart-0.7b-1024px@main/tokenizer",
+             "text_encoder": "hf://mit-han-lab/Qwen2-VL-1.5B-Instruct", "cuda_graphs": False}
+    sampling = {"cfg": 4.5, "top_p": 1.0}
+    config = {"model": model, "sampling": sampling, "runtime": {"device": "cpu", "dtype": "float32"}}
+    process = subprocess.run([sys.executable, "-c", GENERATE, json.dumps(config)], env=hub_env(hub, tmp_path),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    remote = json.loads(process.stdout.splitlines()[-1])
+    assert remote["model"]["llm"].startswith(str(tmp_path / "hf")) and remote["model"]["llm"].endswith("/llm")
+
+    local = HartConfig(llm=str(folders.llm), tokenizer=str(folders.tokenizer), text_encoder=str(folders.text_encoder),
+                       cuda_graphs=False)
+    assert remote["fingerprint"] == fingerprint([str(folders.llm), str(folders.tokenizer), str(folders.text_encoder)])
+    backend = build_backend(local, SamplingConfig(**sampling), "cpu", "float32")
+    [image] = generate(backend, [Request("a red cat on a sofa", 1)], SparseVARConfig(enabled=False))
+    assert remote["pixels"] == hashlib.sha256(image.pixels_HWC.tobytes()).hexdigest()
