@@ -233,6 +233,11 @@ def test_offline_mode_serves_the_cache_after_a_first_download(hub, tmp_path):
     assert never["error"].startswith("checkpoint hf://FoundationVision/Infinity/infinity_vae_d32reg.pth: "
                                      "FoundationVision/Infinity@main is not in the Hugging Face cache")
     assert "fetch it once with network access, or unset HF_HUB_OFFLINE" in never["error"]
+    hub.shutdown()  # a Hub out of reach: the cache still serves what it holds
+    hub.server_close()
+    cached, unreachable = fetch(hub_env(hub, tmp_path), "hf://google/flan-t5-xl",
+                                "hf://FoundationVision/Infinity/infinity_vae_d32reg.pth")
+    assert cached == online[1] and f"cannot reach {hub.endpoint} (HF_ENDPOINT)" in unreachable["error"]
 
 
 def test_actors_of_a_node_starting_together_download_once(hub, tmp_path):
