@@ -46,7 +46,7 @@ class Generator:
         """`output` None: no image files (a Serve replica answering with the bytes); `run_id` goes on every row;
         `controller` replaces the adaptive section's (a Serve replica's, which follows its queue)."""
         self.cfg = JobConfig.model_validate(config)
-        # checked local paths; s3:// fetched once per node
+        # checked local paths; s3:// and hf:// fetched once per node
         self.cfg.model = localize_checkpoints(self.cfg.model, endpoint_url=self.cfg.storage.endpoint_url)
         torch.set_num_threads(max(1, int(self.cfg.ray.num_cpus_per_actor)))
         self.backend = build_backend(self.cfg.model, self.cfg.sampling, self.cfg.runtime.device,

@@ -1,10 +1,11 @@
-"""Model checkpoints from a local path or an s3:// URI, as checked local paths.
+"""Model checkpoints from a local path, an s3:// or an hf:// URI, as checked local paths.
 
 An s3:// file or folder is downloaded once per node into a cache folder (default
 ~/.cache/sparsevar/checkpoints, or SPARSEVAR_CHECKPOINT_CACHE): under a file lock, so the actors of a node
 share one download, into a temporary name that is renamed only once complete and checked. A file is checked
 against its expected size and sha256 when given (and an s3 file against its object size always); the result
 of a sha256 check is remembered per file, size and modification time, so a node hashes a large file once.
+An hf:// file or folder (storage.hf) goes into huggingface_hub's own cache, under the same per-node lock.
 Any problem raises CheckpointError naming the file and what was expected, before a model is built.
 
 Storage knows no model: `localize_checkpoints` works on any config whose `checkpoints()` returns
@@ -22,6 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from storage import hf
 from storage.s3 import TRANSFER, client, split_uri
 
 DEFAULT_CACHE = "~/.cache/sparsevar/checkpoints"
@@ -159,18 +161,36 @@ def _fetch_s3(uri: str, sha256: str | None, size: int | None, cache: Path, endpo
     return dest
 
 
+def _fetch_hf(uri: str, sha256: str | None, size: int | None, cache: Path) -> Path:
+    """Under a per-repo node lock, so that the actors of a node starting together make one download."""
+    try:
+        where = hf.parse(uri)
+        with _locked(cache / "hf" / where.repo_id):
+            path = hf.download(uri)
+    except hf.HubError as exc:
+        raise CheckpointError(str(exc)) from None
+    if path.is_file():
+        _check_file(path, uri, sha256, size, cache)
+    elif sha256 is not None or size is not None:
+        raise CheckpointError(f"checkpoint {uri} is a folder; sha256 and size apply to files only")
+    return path
+
+
 def fetch_checkpoint(uri: str, sha256: str | None = None, size: int | None = None, cache_dir: str | None = None,
                      endpoint_url: str | None = None) -> str:
-    """The checked local path of a checkpoint file or folder given as a local path, file:// or s3:// URI."""
+    """The checked local path of a checkpoint file or folder given as a local path, file://, s3:// or hf:// URI
+    (`endpoint_url` is S3's; the Hub's is HF_ENDPOINT)."""
     cache = cache_root(cache_dir)
     if uri.startswith("s3://"):
         return str(_fetch_s3(uri, sha256, size, cache, endpoint_url))
+    if uri.startswith(hf.SCHEME):
+        return str(_fetch_hf(uri, sha256, size, cache))
     if "://" in uri and not uri.startswith("file://"):
-        raise CheckpointError(f"checkpoint {uri}: unsupported location; use a local path or an s3:// URI")
+        raise CheckpointError(f"checkpoint {uri}: unsupported location; use a local path, an s3:// or an hf:// URI")
     path = _local(uri).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint {uri} not found (looked for {path}): put the official file there, or "
-                              "point the config's model section at it (a path, or an s3:// URI); the README's "
+                              "point the config's model section at it (a path, an s3:// or an hf:// URI); the README's "
                               "model sections list the files")
     if path.is_file():
         _check_file(path, uri, sha256, size, cache)

@@ -2,12 +2,12 @@
 
     python -m workflows.inspect --config configs/tiny.yaml
     python -m workflows.inspect --config configs/tiny.yaml --checkpoint model.pt [--component model]
-    python -m workflows.inspect --config configs/infinity-2b.yaml --checkpoint s3://b/infinity_vae_d32reg.pth \
-        --component vae
+    python -m workflows.inspect --config configs/infinity-2b.yaml \
+        --checkpoint hf://FoundationVision/Infinity/infinity_vae_d32reg.pth --component vae
 
 Prints `<component> <key> <shape>` a line (shape as d1xd2x...), built on the meta device: no weights or
-memory needed. With --checkpoint (a file, a folder of shards with an index, or an s3:// URI fetched into the
-checkpoint cache), lists missing, unexpected and mis-shaped keys; exit 1 if any. Files that nest their weights
+memory needed. With --checkpoint (a file, a folder of shards with an index, or an s3:// or hf:// URI fetched into
+the node's cache), lists missing, unexpected and mis-shaped keys; exit 1 if any. Files that nest their weights
 under `model`, `state_dict`, `module` or `vae` (Infinity's VAE) are unwrapped.
 """
 

@@ -1,7 +1,7 @@
 """Configuration of the `hart` backend: where the three official folders are, and the official sampler's switches.
 
 Sizes are not configured here: they come from the folders' own config.json files (see `folders.py`). Folders
-take a local path or an s3:// URI; `storage.checkpoints.localize_checkpoints` fetches URIs into the node's
+take a local path, an s3:// or an hf:// URI; `storage.checkpoints.localize_checkpoints` fetches URIs into the node's
 checkpoint cache before the backend is built, and the backend reads local folders only.
 """
 

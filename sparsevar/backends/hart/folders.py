@@ -75,7 +75,7 @@ def check_local(folder: str, role: str) -> Path:
     """The folder as a local directory, or an error naming the config key to fix."""
     if "://" in folder:
         raise ValueError(f"model.{role}={folder!r} is a URI: the hart backend reads local folders; "
-                         "storage.checkpoints.localize_checkpoints fetches s3:// folders into the node's cache")
+                         "storage.checkpoints.localize_checkpoints fetches s3:// and hf:// folders onto the node")
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"HART {role} folder not found: {path} (set model.{role})")

@@ -2,8 +2,9 @@
 
 Defaults are Infinity-2B's (`tools/run_infinity.py`, model_type infinity_2b, vae_type 32); Infinity-8B sets
 dim 3584, depth 40, heads 28, vae_bits 14, spatial_patchify true and a 4-level VAE (configs/infinity-8b.yaml).
-Checkpoint fields take a local path or an s3:// URI; `storage.checkpoints.localize_checkpoints` turns URIs into
-local paths (downloaded once per node) before the backend is built, and the backend reads local paths only.
+Checkpoint fields take a local path, an s3:// or an hf:// URI; `storage.checkpoints.localize_checkpoints` turns
+URIs into local paths (downloaded once per node) before the backend is built, and the backend reads local paths
+only.
 """
 
 from typing import Literal
