@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -100,7 +101,8 @@ class ImageService:
         self.model_id = self.generator.backend.name
         self.pixels_per_token = self._warm_up()
         self.started = int(time.time())
-        self.pending = 0  # images of the requests in this replica: the batch being made and those queued
+        self.ongoing = 0  # requests admitted and not yet answered
+        self.pending = 0  # images of those requests: the batch being made and those queued
         self.metrics = ServeMetrics(self.model_id)
         self._batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
@@ -120,7 +122,8 @@ class ImageService:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, "pending_images": self.pending}
+        return {"status": "ok", "model": self.model_id, "ongoing_requests": self.ongoing,
+                "pending_images": self.pending}
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -136,6 +139,10 @@ class ImageService:
         except ApiError as exc:
             self.metrics.error("bad_request")
             return exc.response()
+        if self.ongoing >= self.limits.max_ongoing_requests:
+            self.metrics.error("overloaded")
+            return self._overloaded().response()
+        self.ongoing += 1
         self.pending += len(items)
         try:
             results = await asyncio.gather(*(self._batch(item) for item in items))
@@ -143,6 +150,7 @@ class ImageService:
             log.exception("generation batch failed")
             results = [Generated({"status": "error", "error": f"{type(exc).__name__}: {exc}"}, None)]
         finally:
+            self.ongoing -= 1
             self.pending -= len(items)
         self.metrics.request_ms.observe((time.perf_counter() - started) * 1e3)
         failed = [r.row["error"] for r in results if r.row["status"] != "ok"]
@@ -155,6 +163,13 @@ class ImageService:
             "created": int(time.time()), "size": f"{width}x{height}", "output_format": self.cfg.output.image_format,
             "data": [_image_entry(result) for result in results],
         })
+
+    def _overloaded(self) -> ApiError:
+        """The 503 of a full replica, answered here rather than by Serve, whose refusal is plain text."""
+        retry_after = math.ceil(self.limits.retry_after_s)
+        return ApiError(503, f"the server holds its most requests ({self.limits.max_ongoing_requests}, "
+                        f"serve.max_ongoing_requests); retry in {retry_after} s", None, "server_overloaded",
+                        "server_error", {"Retry-After": str(retry_after)})
 
     def _items(self, body: ImageRequest) -> list[Item]:
         """The request's images as prompt rows (seeds after the first derived, as the batch job's)."""
@@ -221,9 +236,14 @@ class ImageService:
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
-    """Serve's deployment options from the `serve` section: replicas (or autoscaling), resources, queue bounds."""
+    """Serve's deployment options from the `serve` section: replicas (or autoscaling), resources, queue bounds.
+
+    Serve lets `max_queued_requests` more than `max_ongoing_requests` into a replica, so that the replica itself
+    refuses those (OpenAI's JSON error, with Retry-After); Serve's own queue, of `max_queued_requests` too, is the
+    backstop for bursts beyond that, answered with Serve's plain-text 503."""
     options: dict[str, Any] = {
-        "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+        "max_ongoing_requests": s.max_ongoing_requests + s.max_queued_requests,
+        "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
     }
