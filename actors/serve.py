@@ -97,7 +97,7 @@ class ImageService:
         cfg = JobConfig.model_validate(config)
         self.cfg, self.limits = cfg, cfg.serve
         controller = serve_controller_for(cfg) if cfg.serve.target_latency_ms is not None else None
-        self.generator = Generator(replica_config(cfg), cfg.serve.output, controller)
+        self.generator = Generator(replica_config(cfg), cfg.serve.output, controller=controller)
         self.model_id = self.generator.backend.name
         self.pixels_per_token = self._warm_up()
         self.started = int(time.time())

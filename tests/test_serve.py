@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 from ray import cloudpickle, serve
 
-from actors.serve import ImageService, deployment_options
+from actors.serve import ImageService, build_app, deployment_options
 from benchmarks.cluster import free_port
 from storage.prompts import derived_seed
+from workflows.calibrate import run as calibrate
 from workflows.config import load_config
 from workflows.generate import EXIT_OK
 from workflows.generate import main as generate_main
@@ -242,6 +243,25 @@ def test_a_burst_past_every_bound_answers_503_with_retry_after(server):
     assert set(statuses) == {200, 503}, statuses
     assert all(headers.get("retry-after") == "1" for status, _, headers in answers if status == 503)
     assert post(server, {"prompt": PROMPT, "seed": 0})[0] == 200  # capacity comes back
+
+
+def test_with_a_latency_target_tau_follows_the_budget(server, overrides, tmp_path):
+    """A replica with serve.target_latency_ms: idle and within a generous target, dense (τ_min); with a target no τ
+    can meet, τ_max. The replica's controller is the one the answers' τ comes from."""
+    prompts = ROOT / "configs" / "prompts" / "sample.jsonl"
+    calibrate(load_config(CONFIG, overrides), str(prompts), str(tmp_path / "calibration"), 4, [0.0, 1.0], 1)
+    taus = []
+    for target_ms in (600_000, 0.001):
+        cfg = load_config(CONFIG, [*overrides, f"serve.target_latency_ms={target_ms}", "serve.tau_max=0.9",
+                                   f"serve.calibration={tmp_path / 'calibration'}"])
+        serve.run(build_app(cfg), name="adaptive", route_prefix="/adaptive")
+        status, answer, _ = post(server, {"prompt": PROMPT, "seed": 3}, path="/adaptive/v1/images/generations")
+        assert status == 200, answer
+        meta = answer["data"][0]["metadata"]
+        assert meta["run_id"] is None
+        taus.append(meta["tau"])
+    serve.delete("adaptive")
+    assert taus == [0.0, 0.9]
 
 
 def test_models_health_and_unknown_routes(server):
