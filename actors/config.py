@@ -89,7 +89,7 @@ class ServeConfig(StrictModel):
     autoscaling_config: AutoscalingConfig | None = None
     num_gpus_per_replica: float = Field(0.0, ge=0.0, description="fractions share a GPU between replicas")
     num_cpus_per_replica: float = Field(1.0, gt=0.0, description="also the replica's torch thread count")
-    max_batch_size: int = Field(4, ge=1, description="images per generation batch (@serve.batch)")
+    max_batch_size: int = Field(4, ge=1, description="images per generation batch (actors.batching)")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="how long a batch waits to fill")
     max_ongoing_requests: int = Field(
         8, ge=1, description="requests one replica holds at once (in its batch queue); it refuses more with an "

@@ -2,8 +2,9 @@
 
 Each replica holds one `actors.generator.Generator`, the callable the batch job's actors run, so a request goes
 through the same generation loop, split-and-retry on failure and metadata rows as a dataset row, and the same
-prompt, seed and τ give the same bytes. Images of concurrent requests are gathered into batches by `@serve.batch`
-and generated in a worker thread, so the replica keeps taking requests (and counting its queue) meanwhile. With
+prompt, seed and τ give the same bytes. Images of concurrent requests are gathered into batches (`actors.batching`,
+a batch formed when the model is free) and generated in a worker thread, so the replica keeps taking requests (and
+counting its queue) meanwhile. With
 `serve.target_latency_ms`, each batch's τ comes from the batch job's controller given a per-image budget from the
 replica's queue (`sparsevar.adaptive.queue_budget_ms`): dense (τ_min) when idle, higher τ as the queue grows.
 """
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from actors.batching import Batcher
 from actors.calibration import serve_controller_for
 from actors.config import JobConfig, ServeConfig
 from actors.generator import Generator
@@ -104,8 +106,7 @@ class ImageService:
         self.ongoing = 0  # requests admitted and not yet answered
         self.pending = 0  # images of those requests: the batch being made and those queued
         self.metrics = ServeMetrics(self.model_id)
-        self._batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
 
     def _warm_up(self) -> float:
         """Generate one image, so the first request pays no start-up cost, and learn pixels per token (sizes)."""
@@ -145,7 +146,7 @@ class ImageService:
         self.ongoing += 1
         self.pending += len(items)
         try:
-            results = await asyncio.gather(*(self._batch(item) for item in items))
+            results = await asyncio.gather(*(self.batcher.submit(item) for item in items))
         except Exception as exc:  # noqa: BLE001 - a batch that failed outside the generator: answered, not raised
             log.exception("generation batch failed")
             results = [Generated({"status": "error", "error": f"{type(exc).__name__}: {exc}"}, None)]
@@ -186,8 +187,7 @@ class ImageService:
                       "negative_prompt": body.negative_prompt, "h_div_w": h_div_w, "error": None},
                      body.tau, body.response_format or "b64_json") for i in range(body.n or 1)]
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # set from the config in __init__
-    async def _batch(self, items: list[Item]) -> list[Generated]:
+    async def _run_batch(self, items: list[Item]) -> list[Generated]:
         return await asyncio.to_thread(self._generate, items)
 
     def _generate(self, items: list[Item]) -> list[Generated]:
