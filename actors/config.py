@@ -89,11 +89,14 @@ class ServeConfig(StrictModel):
     autoscaling_config: AutoscalingConfig | None = None
     num_gpus_per_replica: float = Field(0.0, ge=0.0, description="fractions share a GPU between replicas")
     num_cpus_per_replica: float = Field(1.0, gt=0.0, description="also the replica's torch thread count")
-    max_batch_size: int = Field(4, ge=1, description="images per generation batch (@serve.batch)")
+    max_batch_size: int = Field(4, ge=1, description="images per generation batch (actors.batching)")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="how long a batch waits to fill")
-    max_ongoing_requests: int = Field(8, ge=1, description="requests one replica holds at once (in its batch queue)")
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="requests one replica holds at once (in its batch queue); it refuses more with an "
+        "OpenAI-style 503 and Retry-After")
     max_queued_requests: int = Field(
-        16, ge=1, description="requests waiting for a replica beyond those; more are refused with 503 and Retry-After")
+        16, ge=1, description="requests past those that Serve still lets into a replica (to be refused there) and, "
+        "as a backstop for bursts, queues; beyond both, Serve's own plain-text 503 with Retry-After")
     retry_after_s: float = Field(1.0, ge=0.0, description="the Retry-After a refused request is given")
     max_images: int = Field(4, ge=1, description="the most images (`n`) one request may ask for")
     max_prompt_chars: int = Field(2000, ge=1, description="longest prompt (and negative prompt) accepted")

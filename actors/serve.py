@@ -2,8 +2,9 @@
 
 Each replica holds one `actors.generator.Generator`, the callable the batch job's actors run, so a request goes
 through the same generation loop, split-and-retry on failure and metadata rows as a dataset row, and the same
-prompt, seed and τ give the same bytes. Images of concurrent requests are gathered into batches by `@serve.batch`
-and generated in a worker thread, so the replica keeps taking requests (and counting its queue) meanwhile. With
+prompt, seed and τ give the same bytes. Images of concurrent requests are gathered into batches (`actors.batching`,
+a batch formed when the model is free) and generated in a worker thread, so the replica keeps taking requests (and
+counting its queue) meanwhile. With
 `serve.target_latency_ms`, each batch's τ comes from the batch job's controller given a per-image budget from the
 replica's queue (`sparsevar.adaptive.queue_budget_ms`): dense (τ_min) when idle, higher τ as the queue grows.
 """
@@ -12,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from actors.batching import Batcher
 from actors.calibration import serve_controller_for
 from actors.config import JobConfig, ServeConfig
 from actors.generator import Generator
@@ -96,14 +99,14 @@ class ImageService:
         cfg = JobConfig.model_validate(config)
         self.cfg, self.limits = cfg, cfg.serve
         controller = serve_controller_for(cfg) if cfg.serve.target_latency_ms is not None else None
-        self.generator = Generator(replica_config(cfg), cfg.serve.output, controller)
+        self.generator = Generator(replica_config(cfg), cfg.serve.output, controller=controller)
         self.model_id = self.generator.backend.name
         self.pixels_per_token = self._warm_up()
         self.started = int(time.time())
-        self.pending = 0  # images of the requests in this replica: the batch being made and those queued
+        self.ongoing = 0  # requests admitted and not yet answered
+        self.pending = 0  # images of those requests: the batch being made and those queued
         self.metrics = ServeMetrics(self.model_id)
-        self._batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
 
     def _warm_up(self) -> float:
         """Generate one image, so the first request pays no start-up cost, and learn pixels per token (sizes)."""
@@ -120,7 +123,8 @@ class ImageService:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, "pending_images": self.pending}
+        return {"status": "ok", "model": self.model_id, "ongoing_requests": self.ongoing,
+                "pending_images": self.pending}
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -136,13 +140,18 @@ class ImageService:
         except ApiError as exc:
             self.metrics.error("bad_request")
             return exc.response()
+        if self.ongoing >= self.limits.max_ongoing_requests:
+            self.metrics.error("overloaded")
+            return self._overloaded().response()
+        self.ongoing += 1
         self.pending += len(items)
         try:
-            results = await asyncio.gather(*(self._batch(item) for item in items))
+            results = await asyncio.gather(*(self.batcher.submit(item) for item in items))
         except Exception as exc:  # noqa: BLE001 - a batch that failed outside the generator: answered, not raised
             log.exception("generation batch failed")
             results = [Generated({"status": "error", "error": f"{type(exc).__name__}: {exc}"}, None)]
         finally:
+            self.ongoing -= 1
             self.pending -= len(items)
         self.metrics.request_ms.observe((time.perf_counter() - started) * 1e3)
         failed = [r.row["error"] for r in results if r.row["status"] != "ok"]
@@ -155,6 +164,13 @@ class ImageService:
             "created": int(time.time()), "size": f"{width}x{height}", "output_format": self.cfg.output.image_format,
             "data": [_image_entry(result) for result in results],
         })
+
+    def _overloaded(self) -> ApiError:
+        """The 503 of a full replica, answered here rather than by Serve, whose refusal is plain text."""
+        retry_after = math.ceil(self.limits.retry_after_s)
+        return ApiError(503, f"the server holds its most requests ({self.limits.max_ongoing_requests}, "
+                        f"serve.max_ongoing_requests); retry in {retry_after} s", None, "server_overloaded",
+                        "server_error", {"Retry-After": str(retry_after)})
 
     def _items(self, body: ImageRequest) -> list[Item]:
         """The request's images as prompt rows (seeds after the first derived, as the batch job's)."""
@@ -171,8 +187,7 @@ class ImageService:
                       "negative_prompt": body.negative_prompt, "h_div_w": h_div_w, "error": None},
                      body.tau, body.response_format or "b64_json") for i in range(body.n or 1)]
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # set from the config in __init__
-    async def _batch(self, items: list[Item]) -> list[Generated]:
+    async def _run_batch(self, items: list[Item]) -> list[Generated]:
         return await asyncio.to_thread(self._generate, items)
 
     def _generate(self, items: list[Item]) -> list[Generated]:
@@ -221,9 +236,14 @@ class ImageService:
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
-    """Serve's deployment options from the `serve` section: replicas (or autoscaling), resources, queue bounds."""
+    """Serve's deployment options from the `serve` section: replicas (or autoscaling), resources, queue bounds.
+
+    Serve lets `max_queued_requests` more than `max_ongoing_requests` into a replica, so that the replica itself
+    refuses those (OpenAI's JSON error, with Retry-After); Serve's own queue, of `max_queued_requests` too, is the
+    backstop for bursts beyond that, answered with Serve's plain-text 503."""
     options: dict[str, Any] = {
-        "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+        "max_ongoing_requests": s.max_ongoing_requests + s.max_queued_requests,
+        "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
     }

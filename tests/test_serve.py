@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +17,10 @@ import pytest
 from PIL import Image
 from ray import cloudpickle, serve
 
-from actors.serve import ImageService, deployment_options
+from actors.serve import ImageService, build_app, deployment_options
 from benchmarks.cluster import free_port
 from storage.prompts import derived_seed
+from workflows.calibrate import run as calibrate
 from workflows.config import load_config
 from workflows.generate import EXIT_OK
 from workflows.generate import main as generate_main
@@ -27,22 +29,31 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-random.yaml"
 APP = "sparsevar-test"
 FAIL_MARKER = "FAIL-IN-THE-MODEL"
+HOLD_MARKER = "HOLD-IN-THE-MODEL"  # held until the file RELEASE appears in serve.output
+RELEASE = "release"
 PROMPT = "a red striped circle at the top left"
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replica process cannot import this test module
 
 
 class FailingService(ImageService):
-    """The real replica, whose model fails on prompts holding FAIL_MARKER, as on a broken input."""
+    """The real replica, whose model fails on prompts holding FAIL_MARKER, as on a broken input, and holds those
+    with HOLD_MARKER until the test releases them (a busy replica, without racing a clock)."""
 
     async def __init__(self, config: dict) -> None:  # the ingress wrapper's constructor is async
         await super().__init__(config)
         backend = self.generator.backend
         begin = backend.begin
+        release = Path(self.cfg.serve.output) / RELEASE
 
         def failing_begin(prompts, negative_prompts, h_div_w):
             if any(FAIL_MARKER in prompt for prompt in prompts):
                 raise RuntimeError("the model failed on this prompt")
+            held_until = time.monotonic() + 120  # a failed test releases nothing: never hang the suite
+            while any(HOLD_MARKER in prompt for prompt in prompts) and not release.exists():
+                if time.monotonic() > held_until:
+                    raise RuntimeError("held prompts were never released")
+                time.sleep(0.05)
             return begin(prompts, negative_prompts, h_div_w)
 
         backend.begin = failing_begin
@@ -193,8 +204,39 @@ def test_a_failing_generation_answers_500_and_the_replica_serves_the_next(server
     assert client.images.generate(prompt=PROMPT, extra_body={"seed": 1}).data[0].metadata["status"] == "ok"
 
 
-def test_over_capacity_answers_503_with_retry_after(server):
-    """4 requests in the replica and 2 queued at most (the module's limits): of 20 at once, some are refused."""
+def health(server: str) -> dict:
+    with urllib.request.urlopen(f"{server}/healthz") as response:
+        return json.loads(response.read())
+
+
+def test_a_full_replica_answers_503_in_openais_shape_with_retry_after(server, client, overrides):
+    """4 requests held in the replica (serve.max_ongoing_requests=4): the next is refused by the replica itself.
+    They are sent one by one: a burst waits in Serve's own queue (max_queued_requests=2) while it is routed."""
+    release = Path(load_config(CONFIG, overrides).serve.output) / RELEASE
+    with ThreadPoolExecutor(4) as pool:
+        held = []
+        try:
+            for seed in range(4):
+                held.append(pool.submit(post, server, {"prompt": f"{HOLD_MARKER} {PROMPT}", "seed": seed}))
+                while health(server)["ongoing_requests"] <= seed:
+                    time.sleep(0.1)
+            status, answer, headers = post(server, {"prompt": PROMPT, "seed": 9})
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.images.generate(prompt=PROMPT)
+        finally:
+            release.touch()
+        assert [future.result()[0] for future in held] == [200] * 4
+    assert status == 503 and headers.get("retry-after") == "1", (status, answer)
+    assert answer["error"]["code"] == "server_overloaded" and answer["error"]["type"] == "server_error"
+    assert answer["error"]["param"] is None and "serve.max_ongoing_requests" in answer["error"]["message"]
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "server_overloaded"
+    release.unlink()
+    assert post(server, {"prompt": PROMPT, "seed": 0})[0] == 200  # capacity comes back
+
+
+def test_a_burst_past_every_bound_answers_503_with_retry_after(server):
+    """Of 20 at once, 4 are held, 2 more let in to be refused by the replica, 2 queued by Serve: the rest are
+    Serve's own 503s (plain text), which carry Retry-After too."""
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(lambda seed: post(server, {"prompt": PROMPT, "seed": seed}), range(20)))
     statuses = [status for status, _, _ in answers]
@@ -203,11 +245,29 @@ def test_over_capacity_answers_503_with_retry_after(server):
     assert post(server, {"prompt": PROMPT, "seed": 0})[0] == 200  # capacity comes back
 
 
+def test_with_a_latency_target_tau_follows_the_budget(server, overrides, tmp_path):
+    """A replica with serve.target_latency_ms: idle and within a generous target, dense (τ_min); with a target no τ
+    can meet, τ_max. The replica's controller is the one the answers' τ comes from."""
+    prompts = ROOT / "configs" / "prompts" / "sample.jsonl"
+    calibrate(load_config(CONFIG, overrides), str(prompts), str(tmp_path / "calibration"), 4, [0.0, 1.0], 1)
+    taus = []
+    for target_ms in (600_000, 0.001):
+        cfg = load_config(CONFIG, [*overrides, f"serve.target_latency_ms={target_ms}", "serve.tau_max=0.9",
+                                   f"serve.calibration={tmp_path / 'calibration'}"])
+        serve.run(build_app(cfg), name="adaptive", route_prefix="/adaptive")
+        status, answer, _ = post(server, {"prompt": PROMPT, "seed": 3}, path="/adaptive/v1/images/generations")
+        assert status == 200, answer
+        meta = answer["data"][0]["metadata"]
+        assert meta["run_id"] is None
+        taus.append(meta["tau"])
+    serve.delete("adaptive")
+    assert taus == [0.0, 0.9]
+
+
 def test_models_health_and_unknown_routes(server):
     with urllib.request.urlopen(f"{server}/v1/models") as response:
         models = json.loads(response.read())
     assert models["data"][0]["id"] == "tiny" and "32x32" in models["data"][0]["sizes"]
-    with urllib.request.urlopen(f"{server}/healthz") as response:
-        assert json.loads(response.read())["status"] == "ok"
+    assert health(server) == {"status": "ok", "model": "tiny", "ongoing_requests": 0, "pending_images": 0}
     status, answer, _ = post(server, {"prompt": "a"}, path="/v1/images/edits")
     assert status == 404 and answer["error"]["code"] == "404"

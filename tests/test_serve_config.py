@@ -59,6 +59,7 @@ def test_the_serve_section_becomes_the_deployments_options():
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert fixed["max_queued_requests"] == 7
+    assert fixed["max_ongoing_requests"] == 8 + 7  # the replica refuses past 8 itself, in OpenAI's shape
     assert fixed["backpressure_config"] == {"status_code": 503, "retry_after_s": 2.0}
     scaled = deployment_options(load_config(CONFIG, ["serve.autoscaling_config={min_replicas: 0, max_replicas: 4}"])
                                 .serve)
