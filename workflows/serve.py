@@ -13,6 +13,7 @@ import sys
 import threading
 from types import FrameType
 
+import ray
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs ignoring it
         signal.signal(signum, _interrupt)
-    connect_ray()
-    try:
+    try:  # Ctrl-C while Ray or the application starts stops as cleanly as once serving
+        connect_ray()
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         print(f"serving {cfg.model.backend} on http://{args.host}:{args.port} (POST /v1/images/generations); "
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
     print("stopped", flush=True)
     return 0
 
