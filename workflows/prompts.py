@@ -5,7 +5,6 @@ holds no row of it; each row is validated on its own, so a malformed row travels
 of failing the job.
 """
 
-import codecs
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +53,7 @@ class PromptFileError(ValueError):
 
 
 def prompt_file_error(exc: BaseException) -> str | None:
-    """The message of the PromptFileError that stopped a pipeline, if one did."""
+    """The message of the PromptFileError (or the planner's ConfigError) that stopped a pipeline, if one did."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -62,9 +61,10 @@ def prompt_file_error(exc: BaseException) -> str | None:
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
-        if isinstance(error, PromptFileError):
+        if isinstance(error, PromptFileError | ConfigError):
             return str(error.args[0]) if error.args else str(error)
-        found = re.search(r"PromptFileError: (.+)", str(error))  # Ray Data's wrapper keeps only the traceback text
+        # Ray Data's wrapper keeps only the traceback's text
+        found = re.search(r"(?:PromptFileError|ConfigError): (.+)", str(error))
         if found:
             return found.group(1).strip()
         stack += [error.__cause__, error.__context__, getattr(error, "cause", None)]
@@ -225,27 +225,6 @@ def in_file_order() -> Iterator[None]:
         yield
     finally:
         options.preserve_order = before
-
-
-def first_non_utf8(filesystem: fs.FileSystem, path: str, chunk: int = 1 << 20) -> tuple[int, int]:
-    """The offset (from 0) and line (from 1) of a file's first byte that is not UTF-8, read a chunk at a time;
-    (size, lines + 1) when every byte is."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, lines = 0, 1
-    with filesystem.open_input_stream(path) as stream:
-        while data := stream.read(chunk):
-            pending = len(decoder.getstate()[0])  # a character's first bytes, from the chunk before
-            try:
-                decoder.decode(data)
-            except UnicodeDecodeError as exc:  # positions count the pending bytes first
-                at = exc.start - pending
-                return offset + at, lines + data.count(b"\n", 0, max(at, 0))
-            offset, lines = offset + len(data), lines + data.count(b"\n")
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:  # the file ends inside a character
-        return offset - len(decoder.getstate()[0]), lines
-    return offset, lines
 
 
 def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> pa.Table:
