@@ -77,8 +77,8 @@ def peak_rss_mb(pid: int) -> float:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    found = [line for line in status.splitlines() if line.startswith("VmHWM:")]  # none once a zombie
+    return int(found[0].split()[1]) / 1024 if found else 0.0
 
 
 def first_image(prompts: Path, output: Path, config: str, timeout: float) -> Measure:

@@ -58,11 +58,12 @@ class HashSet:
         self.base = np.unique(values).astype(np.uint64) if values is not None else np.empty(0, np.uint64)
         self.recent: set[int] = set()
 
-    def __contains__(self, value: int) -> bool:
-        if value in self.recent:
-            return True
-        at = int(np.searchsorted(self.base, np.uint64(value)))
-        return at < len(self.base) and int(self.base[at]) == value
+    def in_base(self, values: np.ndarray) -> np.ndarray:
+        """Which of `values` the sorted array holds, for a whole batch at once (a lookup per row costs more)."""
+        if not len(self.base):
+            return np.zeros(len(values), bool)
+        at = np.minimum(np.searchsorted(self.base, values), len(self.base) - 1)
+        return self.base[at] == values
 
     def add(self, value: int) -> None:
         self.recent.add(value)
@@ -116,19 +117,24 @@ class Planner:
         return self._cut_shards(rows.drop_columns(HASH_COLUMNS), final=False)
 
     def _mark_duplicates(self, rows: pa.Table) -> pa.Table:
-        """As workflows.resume.mark_duplicates, across every batch so far, with hashes."""
+        """As workflows.resume used to on the driver, across every batch so far, with hashes."""
         errors = rows["error"].to_pylist()
-        columns = zip(rows["prompt_id"].to_pylist(), rows["seed"].to_pylist(), *(rows[c].to_pylist()
-                                                                                 for c in HASH_COLUMNS), strict=True)
+        hashes = [rows[c].to_numpy() for c in HASH_COLUMNS]
+        names_known = self.names.in_base(hashes[0]) | self.names.in_base(hashes[1])
+        exact_known = self.exact.in_base(hashes[2])
+        recent, exact_recent = self.names.recent, self.exact.recent
+        columns = zip(rows["prompt_id"].to_pylist(), rows["seed"].to_pylist(), *(h.tolist() for h in hashes),
+                      strict=True)
         for i, (pid, seed, name, sample, exact) in enumerate(columns):
             if errors[i] is not None:
                 self.errors.add(name)
                 continue
-            hit = name if name in self.names else sample if sample in self.names else None
-            if hit is not None and exact in self.exact:
+            taken = names_known[i] or name in recent or sample in recent
+            if taken and (exact_known[i] or exact in exact_recent):
                 errors[i] = (f"duplicate id {pid!r} with seed {seed}: an earlier row already generates this image; "
                              "give each prompt a unique id, or a different seed")
-            elif hit is not None:
+            elif taken:
+                hit = name if name in recent or self.names.in_base(np.array([name], np.uint64))[0] else sample
                 earlier = self.cleaned.get(hit) or (safe_name(pid) if hit == name
                                                     else sample_key(pid, seed).removesuffix(f"-s{seed}"))
                 errors[i] = (f"id {pid!r} with seed {seed} would be stored under the same name as the earlier id "
@@ -137,23 +143,28 @@ class Planner:
                 self.names.add(name)
                 self.names.add(sample)
                 self.exact.add(exact)
+                recent, exact_recent = self.names.recent, self.exact.recent  # a merge empties them
                 if safe_name(pid) != pid or sample_key(pid, seed) != f"{pid}-s{seed}":
                     self.cleaned[name] = self.cleaned[sample] = pid
         return rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
 
     def _keep_files(self, rows: pa.Table) -> list[bool]:
+        names = rows["name_hash"].to_numpy()
+        done, recorded = self.done.in_base(names).tolist(), self.recorded.in_base(names).tolist()
         keep = []
-        for name, error in zip(rows["name_hash"].to_pylist(), rows["error"].to_pylist(), strict=True):
+        for name, error, is_done, is_recorded in zip(names.tolist(), rows["error"].to_pylist(), done, recorded,
+                                                     strict=True):
             if error is not None:
-                again = name not in self.recorded or name in self.retrying
+                again = not is_recorded or name in self.retrying.recent or bool(self.retrying.in_base(
+                    np.array([name], np.uint64))[0])
                 keep.append(again)
                 self.skipped_errors += not again
-            elif name in self.done:
+            elif is_done:
                 keep.append(False)
                 self.skipped += 1
             else:
                 keep.append(True)
-                if name in self.recorded:
+                if is_recorded:
                     self.retried.append(name)
                     self.retrying.add(name)
         return keep
