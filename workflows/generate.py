@@ -40,7 +40,7 @@ from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
 from workflows.compact import compact_metadata, finish_compactions
 from workflows.config import ConfigError, load_config
-from workflows.planner import Planner, planned_rows
+from workflows.planner import planned_rows, start_planner
 from workflows.progress import JobProgress
 from workflows.prompts import check_prompts, in_file_order, prompt_file_error, prompt_rows
 from workflows.run_record import (
@@ -390,10 +390,10 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: b
         common = {"layout": cfg.output.format, "shard_size": cfg.output.shard_size, "whole_file": limit is None,
                   "output": output, "endpoint": endpoint}
         if cfg.output.format == "webdataset":
-            planner, surplus = Planner.remote(**common, shards=scan_shards(output, endpoint, cfg.output.shard_size)), 0
+            planner, surplus = start_planner(**common, shards=scan_shards(output, endpoint, cfg.output.shard_size)), 0
         else:
             found = scan_files(output, endpoint, verify)
-            planner, surplus = Planner.remote(**common, done=found.done, recorded=found.recorded), found.deduplicated
+            planner, surplus = start_planner(**common, done=found.done, recorded=found.recorded), found.deduplicated
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
     return Plan(planned_rows(rows, planner, cfg.output.images_per_prompt), planner, surplus)

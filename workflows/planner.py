@@ -18,6 +18,7 @@ import ray
 
 from storage.images import safe_name
 from storage.shards import sample_key, shard_name
+from workflows.prompts import in_order_pool, on_this_node
 from workflows.resume import expand_images
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Planner:
         self.cleaned: dict[int, str] = {}  # name hash -> id, for ids whose names are not the id itself
         self.retried: list[int] = []
         self.retrying = HashSet()  # the same, to look up: an input error sharing their key is reported again
-        self.skipped = self.skipped_errors = self.rows = self.images = self.todo = 0
+        self.skipped = self.skipped_errors = self.images = self.todo = 0
         self.last_row = 0
         self.buffer: list[pa.Table] = []  # webdataset: the rows of the shard being cut
         self.buffered = 0
@@ -237,4 +238,9 @@ def planned_rows(ds: ray.data.Dataset, planner: Any, images_per_prompt: int) -> 
     expand: Callable[[pa.Table], pa.Table] = lambda rows: expand_and_hash(rows, images_per_prompt)  # noqa: E731
     ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0)
     return ds.map_batches(PlanStage, fn_constructor_kwargs={"planner": planner}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1))
+                          batch_format="pyarrow", num_cpus=0, compute=in_order_pool())
+
+
+def start_planner(**kwargs: Any) -> Any:
+    """The Planner actor, on the driver's node (see workflows.prompts.on_this_node)."""
+    return Planner.options(scheduling_strategy=on_this_node()).remote(**kwargs)

@@ -16,6 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 from pyarrow import fs
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from storage.prompts import PROMPT_SCHEMA, normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
 from storage.uris import resolve
@@ -210,9 +211,21 @@ def prompt_rows(uri: str, endpoint_url: str | None = None, limit: int | None = N
     ds = ray.data.from_items(parts, override_num_blocks=len(parts))
     ds = ds.map_batches(_count_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS)
     ds = ds.map_batches(_Numberer, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
-                        compute=ray.data.ActorPoolStrategy(size=1))
+                        compute=in_order_pool())
     ds = ds.map_batches(_read_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS)
     return ds.limit(limit) if limit is not None else ds
+
+
+def in_order_pool() -> ray.data.ActorPoolStrategy:
+    """One actor given one batch at a time: a stage that must see the rows in file order (preserve_order orders
+    a stage's output, not the calls; an actor with several calls in flight runs them on threads)."""
+    return ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1)
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Where the Planner actor runs: on the driver's node, which the job cannot outlive anyway (the actor is never
+    restarted with its hashes lost: losing it stops the pipeline, and the job's pipeline restart plans again)."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 @contextmanager
