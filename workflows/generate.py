@@ -431,7 +431,7 @@ def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id
             low, high = min(low, blocks), blocks
     with warnings.catch_warnings():  # the retry limits have no named parameter yet; pyproject pins Ray below 2.64
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
-        return rows.repartition(target_num_rows_per_block=block).map_batches(
+        return asks_no_cpu(rows.repartition(target_num_rows_per_block=block)).map_batches(
             Generator,
             fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output, "run_id": run_id},
             batch_size=None if shards else block,
@@ -442,6 +442,14 @@ def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id
             max_restarts=cfg.ray.max_restarts,
             max_task_retries=cfg.ray.max_task_retries,
         )
+
+
+def asks_no_cpu(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """`ds` (a repartition, whose tasks ask a CPU by default, with no parameter to say otherwise) asking none: an
+    actor pool that holds every core (the laptop default) would otherwise starve it, and wait for good. Ray Data's
+    logical operator holds the task options; this sets them (pyproject pins Ray below 2.64)."""
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = 0
+    return ds
 
 
 def run_record(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime,
