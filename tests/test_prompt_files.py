@@ -6,10 +6,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pyarrow import fs
 
 from workflows.config import ConfigError
-from workflows.prompts import first_non_utf8, read_prompt_table
+from workflows.prompts import read_prompt_table
 
 
 def test_rows_keep_file_order_so_limit_takes_the_first(tmp_path, ray_cluster):
@@ -49,18 +48,6 @@ def test_files_without_a_prompt_or_not_utf8_are_refused(tmp_path, ray_cluster):
     with pytest.raises(ConfigError) as error:
         read_prompt_table(str(latin1))
     assert "byte 41 (line 2) starts no UTF-8 character" in str(error.value)  # the é of "café"
-
-
-@pytest.mark.parametrize(("data", "chunk", "where"), [
-    (b"ab\ncd\xc3\xa9\nx\xff", 3, (9, 3)),  # a bad byte after a good two-byte character
-    (b"a\nb\xc3(", 3, (3, 2)),  # a character cut by a bad byte in the next chunk
-    (b"ab\xc3", 2, (2, 1)),  # a file that ends inside a character
-    (b"\n\n\n\n", 3, (4, 5)),  # all UTF-8: the size and the line after the last
-])
-def test_first_non_utf8_byte_is_found_across_chunks(tmp_path, data, chunk, where):
-    path = tmp_path / "prompts.txt"
-    path.write_bytes(data)
-    assert first_non_utf8(fs.LocalFileSystem(), str(path), chunk) == where
 
 
 def test_rows_carry_their_line_or_row_number_across_batches_blank_lines_counted(tmp_path, ray_cluster):

@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -39,20 +38,11 @@ from storage.metadata import read_metadata, write_metadata_file
 from storage.shards import remove_temp_files
 from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
+from workflows.compact import compact_metadata, finish_compactions
 from workflows.config import ConfigError, load_config
+from workflows.planner import planned_rows, start_planner
 from workflows.progress import JobProgress
-from workflows.prompts import check_prompts, read_prompt_table
-from workflows.resume import (
-    assign_shards,
-    completed_keys,
-    expand_images,
-    mark_duplicates,
-    pending,
-    plan_shards,
-    unrecord_duplicates,
-    unrecord_images,
-    unrecord_shards,
-)
+from workflows.prompts import check_prompts, in_file_order, prompt_file_error, prompt_rows
 from workflows.run_record import (
     dataset_record,
     failed_rows,
@@ -62,6 +52,7 @@ from workflows.run_record import (
     write_run,
     write_run_json,
 )
+from workflows.scan import scan_files, scan_shards, take_out_images
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_JOB_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -147,11 +138,15 @@ def connect_ray() -> bool:
 
 @dataclass(frozen=True)
 class Plan:
-    todo: pa.Table  # rows to generate (webdataset: whole shards, with `shard` and `shard_rows`)
-    skipped: int  # images the output already holds
-    skipped_errors: int  # input-error rows the output already holds
-    unrecord: dict[str, set]  # metadata file -> shards (webdataset) or (prompt_id, seed) whose rows to take out first
-    duplicates: dict[str, set]  # metadata file -> surplus ok rows of done images, to take out (files layout)
+    rows: ray.data.Dataset  # the rows to generate, planned as the prompt file streams in (workflows.planner)
+    planner: Any  # the Planner actor: its finish() gives the counts and the last, short shard
+    deduplicated: int  # surplus rows of done images taken out before the run (files layout)
+
+
+@dataclass(frozen=True)
+class Counts:
+    skipped: int = 0  # images the output already holds
+    skipped_errors: int = 0  # input-error rows the output already holds
 
 
 def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, verify: bool = False) -> Summary:
@@ -177,10 +172,10 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
                 job = plan(cfg, prompts, output, limit, verify and attempt == 0)
                 if first is None:
                     first, started = job, time.perf_counter()  # images per second: from the first plan on
-                    progress = JobProgress(job.todo.num_rows)
+                    progress = JobProgress(limit * cfg.output.images_per_prompt if limit else None)
                 try:
                     return run_plan(cfg, prompts, output, job, first, lease, attempt, controller, started_at, started,
-                                    progress)
+                                    progress, limit)
                 except Exception as exc:
                     if attempt == restarts or not lost_actors(exc):
                         raise
@@ -228,10 +223,12 @@ def output_lease(output: str, endpoint: str | None, run_id: str, ttl_s: float) -
 
 
 def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, lease: OutputLease, attempt: int,
-             controller: Any, started_at: datetime, started: float, progress: JobProgress) -> Summary:
-    """One attempt of `run`, the output's lease held (checked before each write to the metadata): take out what
-    the plan says, generate, record. `first` is the first attempt's plan, whose counts (skipped, repaired) the
-    summary gives; every attempt's rows count."""
+             controller: Any, started_at: datetime, started: float, progress: JobProgress,
+             limit: int | None = None) -> Summary:
+    """One attempt of `run`, the output's lease held (checked before each write to the metadata): generate the
+    rows as they are planned, then the last short shard, record; take out the earlier rows of images made again,
+    and compact the metadata. `first` is the first attempt's plan, whose counts (skipped, repaired) the summary
+    gives; every attempt's rows count."""
     endpoint, run_id = cfg.storage.endpoint_url, lease.run_id
     lease.check()
     try:  # fails early, naming the output, when it is not writable
@@ -241,30 +238,51 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
     except OSError as exc:
         raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
                           "access)") from None
-    if job.unrecord:
-        (unrecord_shards if cfg.output.format == "webdataset" else unrecord_images)(output, job.unrecord, endpoint)
-    if job.duplicates:
-        unrecord_duplicates(output, job.duplicates, endpoint)
+    prefix = f"{run_id}-{attempt}"
     try:
-        if job.todo.num_rows:
-            commit_batches(generate_dataset(cfg, job.todo, output, run_id), output, endpoint, f"{run_id}-{attempt}",
-                           lease, progress)
+        try:
+            with in_file_order():
+                commit_batches(generate_dataset(cfg, job.rows, output, run_id, limit), output, endpoint, prefix,
+                               lease, progress)
+                finished = ray.get(job.planner.finish.remote())
+                tail = finished["tail"]
+                if tail is not None and tail.num_rows:
+                    commit_batches(generate_dataset(cfg, ray.data.from_arrow([tail]), output, run_id, 1), output,
+                                   endpoint, f"{prefix}-last", lease, progress)
+        except Exception as exc:
+            message = prompt_file_error(exc)
+            if message is None:
+                raise
+            raise ConfigError(message) from None
+        if not finished["images"]:
+            raise ConfigError(f"prompts file {prompts} holds no prompts: add one prompt per line (or row)")
     except BaseException as exc:  # the run's record says how it ended, not "running" for good
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         with contextlib.suppress(Exception):  # an unreachable store must not hide why the job stopped
-            finish_run(cfg, prompts, output, run_id, started_at, started, first, status, error=root_cause(exc))
+            finish_run(cfg, prompts, output, run_id, started_at, started, first_counts(first, job), status,
+                       error=root_cause(exc))
         raise
     lease.check()
-    deduplicated = sum(len(rows) for rows in first.duplicates.values())
-    if attempt and cfg.output.format == "files":  # a failed attempt's last rows may land after the next plan
-        late = completed_keys(output, endpoint).duplicates
-        deduplicated += unrecord_duplicates(output, late, endpoint) if late else 0
+    deduplicated = first.deduplicated
+    if cfg.output.format == "files":
+        take_out_images(output, endpoint, finished["take_out"], run_id)
+        if attempt:  # a failed attempt's last rows may land after the next plan
+            deduplicated += scan_files(output, endpoint).deduplicated
+    compact_metadata(output, endpoint)
     if cfg.output.format == "files":
         write_imagefolder_index(output, endpoint)
     else:
         remove_temp_files(output, endpoint)  # of shard writers killed mid-shard
-    return finish_run(cfg, prompts, output, run_id, started_at, started, first, "ok", deduplicated=deduplicated,
-                      controller=controller)
+    return finish_run(cfg, prompts, output, run_id, started_at, started, first_counts(first, job), "ok",
+                      deduplicated=deduplicated, controller=controller, restartable=cfg.ray.max_restarts != 0)
+
+
+def first_counts(first: Plan, job: Plan) -> Counts:
+    """The first attempt's counts of work found done (its planner's, or this attempt's when it is gone)."""
+    for planner in (first.planner, job.planner):
+        with contextlib.suppress(Exception):
+            return Counts(**ray.get(planner.counts.remote()))
+    return Counts()
 
 
 def commit_batches(dataset: ray.data.Dataset, output: str, endpoint: str | None, prefix: str, lease: OutputLease,
@@ -289,8 +307,8 @@ SUMMARY_COLUMNS = ["status", "error", "prompt_id", "seed", "source_row", "run_id
 
 
 def finish_run(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime, started: float,
-               first: Plan, status: str, error: str | None = None, deduplicated: int = 0,
-               controller: Any = None) -> Summary:
+               first: Counts, status: str, error: str | None = None, deduplicated: int = 0,
+               controller: Any = None, restartable: bool = False) -> Summary:
     """Record how this invocation ended (`runs/<run_id>.json`, its counts from the rows it left in the metadata,
     so an interrupted run's too) and recompute the dataset's `run.json` from all the metadata and run records."""
     endpoint = cfg.storage.endpoint_url
@@ -300,7 +318,7 @@ def finish_run(cfg: JobConfig, prompts: str, output: str, run_id: str, started_a
     first_sparse = first_sparse_stage(cfg.sparsevar)
     summary = replace(summarize(mine, seconds, first_sparse), skipped=first.skipped,
                       skipped_errors=first.skipped_errors, deduplicated=deduplicated,
-                      restartable_pool=first.todo.num_rows > 0 and cfg.ray.max_restarts != 0,
+                      restartable_pool=restartable,
                       failed_rows=tuple(failed_rows(mine)), failed_query=failed_rows_query(output, endpoint))
     if controller is not None:
         summary = replace(summary, adaptive=adaptive_report(mine, cfg, controller))
@@ -361,26 +379,24 @@ def check_output(output: str, endpoint_url: str | None) -> None:
 
 
 def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: bool = False) -> Plan:
-    """Every image the prompts ask for, less those the output already holds whole (see workflows.resume; with
-    `verify`, every recorded image's sha256 is checked). Writes nothing, except to quarantine a metadata file cut
-    off by a crash."""
-    table = read_prompt_table(prompts, limit, cfg.storage.endpoint_url)
-    table = mark_duplicates(expand_images(table, cfg.output.images_per_prompt))
+    """The rows to generate, as a dataset planned while the prompt file streams in: every image the prompts ask
+    for, less those the output already holds whole (workflows.scan, read by tasks; with `verify`, every recorded
+    image's sha256 is checked). Before it returns: completes a compaction cut off by a crash, and takes out
+    surplus rows (files) or rows of shards without a tar (webdataset)."""
+    endpoint = cfg.storage.endpoint_url
     try:
+        finish_compactions(output, endpoint)
+        rows = prompt_rows(prompts, endpoint, limit)
+        common = {"layout": cfg.output.format, "shard_size": cfg.output.shard_size, "whole_file": limit is None,
+                  "output": output, "endpoint": endpoint}
         if cfg.output.format == "webdataset":
-            shards = plan_shards(assign_shards(table, cfg.output.shard_size), output, cfg.storage.endpoint_url)
-            todo, unrecord, duplicates = shards.todo, shards.unrecord, {}
+            planner, surplus = start_planner(**common, shards=scan_shards(output, endpoint, cfg.output.shard_size)), 0
         else:
-            found = completed_keys(output, cfg.storage.endpoint_url, verify)
-            todo, unrecord = pending(table, found.done, found.recorded, whole_file=limit is None)
-            duplicates = found.duplicates
+            found = scan_files(output, endpoint, verify)
+            planner, surplus = start_planner(**common, done=found.done, recorded=found.recorded), found.deduplicated
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
-    def errors(rows: pa.Table) -> int:
-        return rows.num_rows - rows["error"].null_count
-
-    skipped_errors = errors(table) - errors(todo)
-    return Plan(todo, table.num_rows - todo.num_rows - skipped_errors, skipped_errors, unrecord, duplicates)
+    return Plan(planned_rows(rows, planner, cfg.output.images_per_prompt), planner, surplus)
 
 
 def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
@@ -396,30 +412,29 @@ def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
     write_imagefolder_metadata(output, [records[name] for name in sorted(records)], endpoint_url)
 
 
-def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str, run_id: str | None = None) -> ray.data.Dataset:
-    """The rows to generate, mapped through the actor pool, in blocks of one batch: each block's rows come back
-    as one table, which the driver commits to the metadata at once (commit_batches), and a block is the unit Ray
-    retries when an actor dies. For webdataset a block is one whole shard, handed to the actor as one batch
-    (`batch_size=None`), which writes the shard's tar.
+def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id: str | None = None,
+                     limit: int | None = None) -> ray.data.Dataset:
+    """The rows to generate, cut into blocks of one batch and mapped through the actor pool: each block's rows
+    come back as one table, which the driver commits to the metadata at once (commit_batches), and a block is the
+    unit Ray retries when an actor dies. For webdataset a block is one whole shard (the planner cuts whole shards
+    only), handed to the actor as one batch (`batch_size=None`), which writes the shard's tar. With `limit` (at
+    most that many prompts) the pool is no larger than the blocks there can be.
     """
     low, high = cfg.ray.actor_range
-    B = cfg.ray.batch_size
-    if cfg.output.format == "webdataset":
-        sizes = pc.value_counts(todo["shard"]).field("counts").to_pylist()  # shards are contiguous, in order
-        starts = np.cumsum([0, *sizes[:-1]])
-        blocks, batch_size = [todo.slice(start, size) for start, size in zip(starts, sizes, strict=True)], None
-    else:
-        blocks, batch_size = [todo.slice(start, B) for start in range(0, todo.num_rows, B)], B
-    if len(blocks) < high:  # an actor past the number of blocks would get no input, and Ray would warn so
-        print(f"{len(blocks)} block(s) of work: starting {len(blocks)} actor(s) of the {high} that ray.num_actors "
-              "allows", flush=True)
-        low, high = min(low, len(blocks)), len(blocks)
+    shards = cfg.output.format == "webdataset"
+    block = cfg.output.shard_size if shards else cfg.ray.batch_size
+    if limit is not None:
+        blocks = -(-limit * cfg.output.images_per_prompt // block)
+        if blocks < high:  # an actor past the number of blocks would get no input, and Ray would warn so
+            print(f"{blocks} block(s) of work: starting {blocks} actor(s) of the {high} that ray.num_actors allows",
+                  flush=True)
+            low, high = min(low, blocks), blocks
     with warnings.catch_warnings():  # the retry limits have no named parameter yet; pyproject pins Ray below 2.64
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
-        return ray.data.from_arrow(blocks).map_batches(
+        return asks_no_cpu(rows.repartition(target_num_rows_per_block=block)).map_batches(
             Generator,
             fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output, "run_id": run_id},
-            batch_size=batch_size,
+            batch_size=None if shards else block,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
             num_gpus=cfg.ray.num_gpus_per_actor or None,
@@ -427,6 +442,14 @@ def generate_dataset(cfg: JobConfig, todo: pa.Table, output: str, run_id: str | 
             max_restarts=cfg.ray.max_restarts,
             max_task_retries=cfg.ray.max_task_retries,
         )
+
+
+def asks_no_cpu(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """`ds` (a repartition, whose tasks ask a CPU by default, with no parameter to say otherwise) asking none: an
+    actor pool that holds every core (the laptop default) would otherwise starve it, and wait for good. Ray Data's
+    logical operator holds the task options; this sets them (pyproject pins Ray below 2.64)."""
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = 0
+    return ds
 
 
 def run_record(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime,

@@ -16,7 +16,7 @@ PLAIN_EVERY_S = 30.0
 
 
 class JobProgress:
-    def __init__(self, total: int, stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S,
+    def __init__(self, total: int | None, stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S,
                  clock: Callable[[], float] = time.monotonic, tty: bool | None = None) -> None:
         self.stream = stream or sys.stdout
         self.total, self.done, self.tau = total, 0, None
@@ -27,7 +27,9 @@ class JobProgress:
 
     def update(self, rows: pa.Table) -> None:
         """Count a batch's rows (ok or error: each is one image of the total dealt with)."""
-        self.done = min(self.total, self.done + rows.num_rows)  # rows of a failed attempt may be generated again
+        self.done += rows.num_rows
+        if self.total:  # rows of a failed attempt may be generated again
+            self.done = min(self.total, self.done)
         tau = pc.mean(rows["tau"]).as_py() if rows.num_rows else None
         self.tau = tau if tau is not None else self.tau
         if self.bar is not None:
@@ -40,9 +42,11 @@ class JobProgress:
     def line(self) -> str:
         elapsed = self.clock() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
+        tau = "dense" if self.tau is None else f"{self.tau:.3f}"
+        if not self.total:  # a streamed plan: its size is known once it is read
+            return f"progress: {self.done} images, {rate:.2f} images/s, τ {tau}"
         left = (self.total - self.done) / rate if rate else math.inf
         eta = "?" if math.isinf(left) else time.strftime("%H:%M:%S", time.gmtime(left))
-        tau = "dense" if self.tau is None else f"{self.tau:.3f}"
         share = 100 * self.done / self.total if self.total else 100.0
         return f"progress: {self.done}/{self.total} images ({share:.0f}%), {rate:.2f} images/s, ETA {eta}, τ {tau}"
 
