@@ -40,6 +40,7 @@ from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
 from workflows.compact import compact_metadata, finish_compactions
 from workflows.config import ConfigError, load_config
+from workflows.errors import exception_chain
 from workflows.planner import planned_rows, start_planner
 from workflows.progress import JobProgress
 from workflows.prompts import check_prompts, in_file_order, prompt_file_error, prompt_rows
@@ -194,17 +195,8 @@ def run(cfg: JobConfig, prompts: str, output: str, limit: int | None = None, ver
 def lost_actors(exc: BaseException) -> bool:
     """Whether the pipeline stopped because generation actors died while running (a kill, a lost node, a storm
     of them faster than Ray restarts them), not because one cannot start: then starting again helps."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        error = stack.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, ray.exceptions.RayActorError) and not error.actor_init_failed:
-            return True
-        stack += [error.__cause__, error.__context__, getattr(error, "cause", None)]
-    return False
+    return any(isinstance(error, ray.exceptions.RayActorError) and not error.actor_init_failed
+               for error in exception_chain(exc))
 
 
 @contextlib.contextmanager

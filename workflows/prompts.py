@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from storage.prompts import PROMPT_SCHEMA, normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
 from storage.uris import resolve
 from workflows.config import ConfigError
+from workflows.errors import exception_chain
 
 # Reading and validating prompts is light I/O; asking no CPU for it keeps a pool of actors that holds every
 # core (the laptop default) from starving the reader that feeds them.
@@ -55,20 +56,13 @@ class PromptFileError(ValueError):
 
 def prompt_file_error(exc: BaseException) -> str | None:
     """The message of the PromptFileError (or the planner's ConfigError) that stopped a pipeline, if one did."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        error = stack.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
+    for error in exception_chain(exc):
         if isinstance(error, PromptFileError | ConfigError):
             return str(error.args[0]) if error.args else str(error)
         # Ray Data's wrapper keeps only the traceback's text
         found = re.search(r"(?:PromptFileError|ConfigError): (.+)", str(error))
         if found:
             return found.group(1).strip()
-        stack += [error.__cause__, error.__context__, getattr(error, "cause", None)]
     return None
 
 
