@@ -53,7 +53,7 @@ class StageStats:
     overhead_ms: float = 0.0  # of latency_ms: scoring, gathering and filling (device-synchronised when profiling)
     pruned: int = 0  # FastVAR: tokens each of its pruned sub-layers left out (speedups.fastvar)
     pruned_blocks: int = 0  # FastVAR: the blocks that pruned at this stage
-    branches: int = 1  # rows the image ran: 2 with classifier-free guidance, 1 without (speedups.guidance_stages)
+    branches: int = 1  # rows the image ran: 2 with guidance, 1 without or after speedups.guidance_stages, 0 skipped
 
 
 @dataclass(frozen=True)

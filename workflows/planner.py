@@ -34,13 +34,18 @@ def image_hash(prompt_id: str, seed: int) -> int:
     return _hash(f"{safe_name(prompt_id)}-s{seed}")
 
 
+def image_hashes(prompt_ids: list[str], seeds: list[int]) -> np.ndarray:
+    """`image_hash` of each (prompt_id, seed), as uint64."""
+    return np.array([image_hash(p, s) for p, s in zip(prompt_ids, seeds, strict=True)], np.uint64)
+
+
 def expand_and_hash(rows: pa.Table, images_per_prompt: int) -> pa.Table:
     """One row per image (workflows.resume.expand_images) with the hashes the planner compares: the file name's
     (`name_hash`), the shard sample key's (`sample_hash`, apart by a prefix) and the exact (id, seed)'s."""
     rows = expand_images(rows, images_per_prompt)
     pids, seeds = rows["prompt_id"].to_pylist(), rows["seed"].to_pylist()
     pairs = list(zip(pids, seeds, strict=True))
-    columns = {"name_hash": [image_hash(p, s) for p, s in pairs],
+    columns = {"name_hash": image_hashes(pids, seeds),
                "sample_hash": [_hash(f"shard sample {sample_key(p, s)}") for p, s in pairs],
                "exact_hash": [_hash(f"{p}\0{s}") for p, s in pairs]}
     for name, values in columns.items():

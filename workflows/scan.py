@@ -24,7 +24,7 @@ from storage.metadata import METADATA_DIR
 from storage.shards import list_shards, shard_name, shard_of
 from storage.uris import join, resolve
 from workflows.config import ConfigError
-from workflows.planner import image_hash
+from workflows.planner import image_hashes
 from workflows.resume import QUARANTINE, layout_error, take_out, unrecord_shards
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def _read(path: str, output: str, endpoint: str | None) -> pa.Table | None:
 
 
 def _hashes(table: pa.Table) -> np.ndarray:
-    return np.array([image_hash(p, s) for p, s in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(),
-                                                      strict=True)], np.uint64)
+    return image_hashes(table["prompt_id"].to_pylist(), table["seed"].to_pylist())
 
 
 @ray.remote(num_cpus=0)
@@ -155,7 +154,7 @@ class ShardScan:
     def verdict(self, index: int, pids: list[str], seeds: list[int], errors: list[str | None], output: str) -> str:
         """done (tar and exactly as many rows), redo-recorded (rows to take out first) or redo. A planned image
         recorded only in other shards means the shards were cut otherwise: ConfigError."""
-        hashes = np.array([image_hash(p, s) for p, s in zip(pids, seeds, strict=True)], np.uint64)
+        hashes = image_hashes(pids, seeds)
         low, high = np.searchsorted(self.keys, hashes, "left"), np.searchsorted(self.keys, hashes, "right")
         for i, error in enumerate(errors):
             held = self.key_shards[low[i]:high[i]]
