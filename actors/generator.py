@@ -31,7 +31,8 @@ from sparsevar.config import SparseVARConfig
 from sparsevar.generate import ImageResult, Request, generate
 from storage.checkpoints import fingerprint, localize_checkpoints
 from storage.images import EXTENSIONS, ImageWriter, encode_image
-from storage.metadata import metadata_table
+from storage.lease import check_held
+from storage.metadata import metadata_table, write_metadata_file
 from storage.shards import ShardWriter, member_uri, sample_key
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,12 @@ Store = Callable[[dict[str, Any], ImageResult, float | None], dict[str, Any]]
 
 class Generator:
     def __init__(self, config: dict[str, Any], output: str | None, run_id: str | None = None,
-                 controller: Controller | None = None) -> None:
+                 controller: Controller | None = None, commit: str | None = None) -> None:
         """`output` None: no image files (a Serve replica answering with the bytes); `run_id` goes on every row;
-        `controller` replaces the adaptive section's (a Serve replica's, which follows its queue)."""
+        `controller` replaces the adaptive section's (a Serve replica's, which follows its queue). With `commit` (a
+        job's) the actor records each batch's rows itself, as `metadata/<commit>-<digest>.parquet`, before it
+        returns them: an interruption then costs only the batch an actor was making, not batches that came back
+        but wait in Ray Data's queues (see `_commit`)."""
         self.cfg = JobConfig.model_validate(config)
         # checked local paths; s3:// and hf:// fetched once per node
         self.cfg.model = localize_checkpoints(self.cfg.model, endpoint_url=self.cfg.storage.endpoint_url)
@@ -57,18 +61,31 @@ class Generator:
         self.weights_fingerprint = fingerprint(weight_files(self.cfg.model))
         self.writer = None if output is None else ImageWriter(output, self.cfg.output.image_format,
                                                               self.cfg.output.quality, self.cfg.storage.endpoint_url)
-        self.output = output
+        self.output, self.commit = output, commit
         self.controller = controller or (controller_for(self.cfg) if self.cfg.adaptive.enabled else None)
         self._warned_missed = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         if self.cfg.output.format == "files":
-            return metadata_table(self.generate_rows(rows, self._write_file))
-        out = []
-        for index, group in groupby(rows, key=lambda row: row["shard"]):
-            out += self._generate_shard(index, list(group))
-        return metadata_table(out)
+            table = metadata_table(self.generate_rows(rows, self._write_file))
+        else:
+            out = []
+            for index, group in groupby(rows, key=lambda row: row["shard"]):
+                out += self._generate_shard(index, list(group))
+            table = metadata_table(out)
+        if self.commit is not None:
+            self._commit(table)
+        return table
+
+    def _commit(self, table: pa.Table) -> None:
+        """Record the batch's rows, the lease checked first. The file is named by the batch's images, so a batch
+        that Ray retries (its actor died after writing, before returning) replaces its own file: no row twice."""
+        check_held(self.output, self.cfg.storage.endpoint_url, self.run_id)
+        keys = "\n".join(f"{pid}\0{seed}" for pid, seed in zip(table["prompt_id"].to_pylist(),
+                                                              table["seed"].to_pylist(), strict=True))
+        digest = hashlib.sha256(keys.encode("utf-8")).hexdigest()[:16]
+        write_metadata_file(self.output, f"{self.commit}-{digest}.parquet", table, self.cfg.storage.endpoint_url)
 
     def generate_rows(self, rows: list[dict[str, Any]], store: Store,
                       sv: SparseVARConfig | None = None) -> list[dict[str, Any]]:

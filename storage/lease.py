@@ -171,15 +171,31 @@ class _S3Store:
             self.s3.delete_object(Bucket=self.bucket, Key=self.key)
 
 
+def _store(output: str, endpoint_url: str | None) -> _LocalStore | _S3Store:
+    filesystem, root = resolve(output, endpoint_url)
+    if isinstance(filesystem, fs.LocalFileSystem):
+        return _LocalStore(root)
+    return _S3Store(join(output, LEASE_NAME), endpoint_url)
+
+
+def check_held(output: str, endpoint_url: str | None, run_id: str) -> None:
+    """Raise LeaseLost unless run `run_id` holds the output's lease, unexpired: what a generation actor checks before
+    it records a batch. The job's driver renews the lease; a driver that stalled past the lease's time to live may
+    have lost it to another job, whose rows this one's must not join."""
+    holder = _holder(_store(output, endpoint_url).read()[0], output)
+    if holder is None or holder.run_id != run_id or holder.expired(datetime.now(UTC)):
+        raise LeaseLost(f"run {run_id} no longer holds the lease on {output} (held by "
+                        f"{holder.run_id if holder else 'no run'}); its actors stop before recording more. What was "
+                        "written is kept: run the same command again once no other job writes the output")
+
+
 class OutputLease:
     """The lease of one output for one run: `with OutputLease(...)` takes it (LeaseHeld if another live job holds
     it), renews it every third of `ttl_s` from a daemon thread, and gives it back at the end."""
 
     def __init__(self, output: str, endpoint_url: str | None, run_id: str, ttl_s: float) -> None:
         self.output, self.ttl = output, timedelta(seconds=ttl_s)
-        filesystem, root = resolve(output, endpoint_url)
-        local = isinstance(filesystem, fs.LocalFileSystem)
-        self.store = _LocalStore(root) if local else _S3Store(join(output, LEASE_NAME), endpoint_url)
+        self.store = _store(output, endpoint_url)
         self.started = datetime.now(UTC)
         self.run_id, self.tag = run_id, None
         self.lost, self.renewed = False, 0.0  # renewed: monotonic time of the last write that held the lease

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from storage.lease import LEASE_NAME, LeaseHeld, LeaseLost, OutputLease
+from storage.lease import LEASE_NAME, LeaseHeld, LeaseLost, OutputLease, check_held
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -104,6 +104,23 @@ def test_a_lease_taken_over_stops_the_job_before_its_next_write(output):
     OutputLease(uri, endpoint, "other", 30.0).acquire()
     stalled.renew()
     assert stalled.lost
+
+
+def test_an_actor_records_only_while_its_run_holds_the_lease(output):
+    uri, endpoint = output
+    with pytest.raises(LeaseLost, match="held by no run"):
+        check_held(uri, endpoint, "mine")
+    mine = OutputLease(uri, endpoint, "mine", 0.3)
+    mine.acquire()
+    check_held(uri, endpoint, "mine")
+    with pytest.raises(LeaseLost, match="held by mine"):
+        check_held(uri, endpoint, "other")
+    time.sleep(0.4)  # the driver stalled past the time to live
+    with pytest.raises(LeaseLost, match="no longer holds"):
+        check_held(uri, endpoint, "mine")
+    OutputLease(uri, endpoint, "other", 30.0).acquire()
+    with pytest.raises(LeaseLost, match="held by other"):
+        check_held(uri, endpoint, "mine")
 
 
 def test_an_unreadable_lease_counts_as_expired(tmp_path):

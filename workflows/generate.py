@@ -34,7 +34,7 @@ from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
 from storage.images import write_imagefolder_metadata
 from storage.lease import LeaseHeld, OutputLease
-from storage.metadata import read_metadata, write_metadata_file
+from storage.metadata import read_metadata
 from storage.shards import remove_temp_files
 from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
@@ -234,13 +234,12 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
     try:
         try:
             with in_file_order():
-                commit_batches(generate_dataset(cfg, job.rows, output, run_id, limit), output, endpoint, prefix,
-                               lease, progress)
+                follow_batches(generate_dataset(cfg, job.rows, output, run_id, prefix, limit), lease, progress)
                 finished = ray.get(job.planner.finish.remote())
                 tail = finished["tail"]
                 if tail is not None and tail.num_rows:
-                    commit_batches(generate_dataset(cfg, ray.data.from_arrow([tail]), output, run_id, 1), output,
-                                   endpoint, f"{prefix}-last", lease, progress)
+                    follow_batches(generate_dataset(cfg, ray.data.from_arrow([tail]), output, run_id,
+                                                    f"{prefix}-last", 1), lease, progress)
         except Exception as exc:
             message = prompt_file_error(exc)
             if message is None:
@@ -277,18 +276,15 @@ def first_counts(first: Plan, job: Plan) -> Counts:
     return Counts()
 
 
-def commit_batches(dataset: ray.data.Dataset, output: str, endpoint: str | None, prefix: str, lease: OutputLease,
-                   progress: JobProgress) -> None:
-    """Write each batch's rows to the metadata (`<prefix>-<n>.parquet`) as soon as the actors return it, the
-    lease checked first, so an interruption loses at most the batches in flight (one per actor) and those that
-    came back since the last write. Ray Data's own progress bars give way to the job's one display."""
+def follow_batches(dataset: ray.data.Dataset, lease: OutputLease, progress: JobProgress) -> None:
+    """Run the pipeline to its end, showing each batch in the job's one display as it comes back (the actors have
+    recorded its rows already), and stop it once the lease is lost. Ray Data's own progress bars give way."""
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
-        for n, rows in enumerate(batches):
+        for rows in batches:
             lease.check()
-            write_metadata_file(output, f"{prefix}-{n:06d}.parquet", rows, endpoint)
             progress.update(rows)
     finally:
         batches.close()  # on an interrupt, stops the pipeline and its actors now, not when collected
@@ -404,11 +400,11 @@ def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
     write_imagefolder_metadata(output, [records[name] for name in sorted(records)], endpoint_url)
 
 
-def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id: str | None = None,
+def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id: str, commit: str,
                      limit: int | None = None) -> ray.data.Dataset:
-    """The rows to generate, cut into blocks of one batch and mapped through the actor pool: each block's rows
-    come back as one table, which the driver commits to the metadata at once (commit_batches), and a block is the
-    unit Ray retries when an actor dies. For webdataset a block is one whole shard (the planner cuts whole shards
+    """The rows to generate, cut into blocks of one batch and mapped through the actor pool: the actor that makes
+    a block records its rows in the metadata (`<commit>-<digest>.parquet`) before it returns them, and a block is
+    the unit Ray retries when an actor dies. For webdataset a block is one whole shard (the planner cuts whole shards
     only), handed to the actor as one batch (`batch_size=None`), which writes the shard's tar. With `limit` (at
     most that many prompts) the pool is no larger than the blocks there can be.
     """
@@ -425,7 +421,8 @@ def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
         return asks_no_cpu(rows.repartition(target_num_rows_per_block=block)).map_batches(
             Generator,
-            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output, "run_id": run_id},
+            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "output": output, "run_id": run_id,
+                                   "commit": commit},
             batch_size=None if shards else block,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
