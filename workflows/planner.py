@@ -18,7 +18,7 @@ import ray
 
 from storage.images import safe_name
 from storage.shards import sample_key, shard_name
-from workflows.prompts import in_order_pool, on_this_node
+from workflows.prompts import in_order_pool, on_driver_node
 from workflows.resume import expand_images
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,11 @@ def planned_rows(ds: ray.data.Dataset, planner: Any, images_per_prompt: int) -> 
     expand: Callable[[pa.Table], pa.Table] = lambda rows: expand_and_hash(rows, images_per_prompt)  # noqa: E731
     ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0)
     return ds.map_batches(PlanStage, fn_constructor_kwargs={"planner": planner}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=0, compute=in_order_pool())
+                          batch_format="pyarrow", num_cpus=0, compute=in_order_pool(),
+                          label_selector=on_driver_node())
 
 
 def start_planner(**kwargs: Any) -> Any:
-    """The Planner actor, on the driver's node (see workflows.prompts.on_this_node)."""
-    return Planner.options(scheduling_strategy=on_this_node()).remote(**kwargs)
+    """The Planner actor, on the driver's node (workflows.prompts.on_driver_node): never restarted with its hashes
+    lost (max_restarts=0): losing it stops the pipeline, and the job's pipeline restart plans again."""
+    return Planner.options(label_selector=on_driver_node()).remote(**kwargs)

@@ -16,7 +16,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 from pyarrow import fs
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from storage.prompts import PROMPT_SCHEMA, normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
 from storage.uris import resolve
@@ -205,7 +204,7 @@ def prompt_rows(uri: str, endpoint_url: str | None = None, limit: int | None = N
     ds = ray.data.from_items(parts, override_num_blocks=len(parts))
     ds = ds.map_batches(_count_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS)
     ds = ds.map_batches(_Numberer, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
-                        compute=in_order_pool())
+                        compute=in_order_pool(), label_selector=on_driver_node())
     ds = ds.map_batches(_read_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS)
     return ds.limit(limit) if limit is not None else ds
 
@@ -216,10 +215,13 @@ def in_order_pool() -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1)
 
 
-def on_this_node() -> NodeAffinitySchedulingStrategy:
-    """Where the Planner actor runs: on the driver's node, which the job cannot outlive anyway (the actor is never
-    restarted with its hashes lost: losing it stops the pipeline, and the job's pipeline restart plans again)."""
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+def on_driver_node() -> dict[str, str]:
+    """A label selector for the driver's node, where the stateful stages run (the numbering and planning-stage
+    actors, the Planner): the job cannot outlive that node anyway, so a worker node lost mid-job takes with it
+    only stateless tasks and generation actors, which Ray retries and restarts, never the plan's state (an actor
+    restarted with its state gone stops the job: rows out of order). Being pinned also keeps Ray Data from fusing
+    the parallel reading and hashing tasks into these one-at-a-time actors (docs/scale.md)."""
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
 
 
 @contextmanager
