@@ -18,7 +18,7 @@ import ray
 
 from storage.images import safe_name
 from storage.shards import sample_key, shard_name
-from workflows.prompts import in_order_pool, on_driver_node
+from workflows.prompts import in_order_pool, on_driver_node, reader_tasks
 from workflows.resume import expand_images
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class PlanStage:
 def planned_rows(ds: ray.data.Dataset, planner: Any, images_per_prompt: int) -> ray.data.Dataset:
     """`ds` (prompt rows in file order) expanded, hashed and planned: the rows to generate, still in order."""
     expand: Callable[[pa.Table], pa.Table] = lambda rows: expand_and_hash(rows, images_per_prompt)  # noqa: E731
-    ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0)
+    ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=reader_tasks())
     return ds.map_batches(PlanStage, fn_constructor_kwargs={"planner": planner}, batch_size=None,
                           batch_format="pyarrow", num_cpus=0, compute=in_order_pool(),
                           label_selector=on_driver_node())
