@@ -18,6 +18,24 @@ def test_rows_keep_file_order_so_limit_takes_the_first(tmp_path, ray_cluster):
     assert read_prompt_table(str(path))["prompt_id"].to_pylist() == [f"p{i:05d}" for i in range(20000)]
 
 
+def test_many_parts_read_in_parallel_come_out_in_file_order(tmp_path, ray_cluster, monkeypatch):
+    """Parts of 2 KiB, so ~100 read tasks finish in any order; the dataset is made and run outside any context
+    (as the job makes its plan before it runs it), and its rows still come in file order, numbered from 1."""
+    import ray
+
+    from workflows import prompts
+
+    monkeypatch.setattr(prompts, "PART_BYTES", 2048)
+    path = tmp_path / "parts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i:05d}", "prompt": f"prompt {i}"}) + "\n" for i in range(6000)))
+    assert len(prompts.prompt_parts(str(path))) > 90
+    rows = pa.concat_tables(ray.get(prompts.prompt_rows(str(path)).to_arrow_refs()))
+    assert rows["source_row"].to_pylist() == list(range(1, 6001))
+    assert rows["prompt_id"].to_pylist() == [f"p{i:05d}" for i in range(6000)]
+    first = pa.concat_tables(ray.get(prompts.prompt_rows(str(path), limit=2500).to_arrow_refs()))
+    assert first["source_row"].to_pylist() == list(range(1, 2501))
+
+
 def test_csv_ids_stay_text_and_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, ray_cluster):
     csv = tmp_path / "ids.csv"
     csv.write_text("id,prompt,seed\n007,a red circle,1\n010,a blue square,2\n")

@@ -51,22 +51,41 @@ def test_images_per_prompt_derives_distinct_stable_seeds():
     assert len(set(table["seed"].to_pylist()[:3])) == 3
 
 
-def test_later_duplicates_become_error_rows_across_batches(ray_cluster, tmp_path):
-    table, _ = plan(prompts(("a", 1, None), ("a", 1, None), ("a", 2, None)), tmp_path, batches=3)
+@pytest.mark.parametrize("batches", [1, 3])
+def test_later_duplicates_become_error_rows_within_and_across_batches(ray_cluster, tmp_path, batches):
+    table, _ = plan(prompts(("a", 1, None), ("a", 1, None), ("a", 2, None)), tmp_path, batches=batches)
     errors = table["error"].to_pylist()
     assert errors[0] is None and errors[2] is None
     assert "duplicate id 'a' with seed 1" in errors[1] and table["source_row"].to_pylist() == [1, 2, 3]
 
 
-def test_ids_that_would_share_an_image_name_become_error_rows(ray_cluster, tmp_path):
+@pytest.mark.parametrize("batches", [1, 5])
+def test_ids_that_would_share_an_image_name_become_error_rows(ray_cluster, tmp_path, batches):
     cleaned = safe_name("a/b")  # what a literal id must spell to collide with it
     assert cleaned.startswith("a_b-")
     rows = [("a/b", 5, None), (cleaned, 5, None), (cleaned, 6, None), ("v.1", 7, None), (sample_key("v.1", 7)[:-3],
                                                                                          7, None)]
-    errors = plan(prompts(*rows), tmp_path, batches=5)[0]["error"].to_pylist()
+    errors = plan(prompts(*rows), tmp_path, batches=batches)[0]["error"].to_pylist()
     assert f"id {cleaned!r} with seed 5 would be stored under the same name as the earlier id 'a/b'" in errors[1]
     assert errors[2] is None and errors[3] is None
     assert "as the earlier id 'v.1'" in errors[4]  # a shard sample key spelled literally
+
+
+def test_hash_sets_hold_what_was_added_across_chunks_and_merges(monkeypatch):
+    from workflows import planner
+
+    monkeypatch.setattr(planner, "MERGE_EVERY", 50)
+    rng = np.random.default_rng(0)
+    hashes, added = planner.HashSet(rng.integers(0, 1 << 40, 30, dtype=np.uint64)), set()
+    added |= set(hashes.base.tolist())
+    for size in [1, 1, 2, 7, 3, 40, 1, 5, 90, 2]:
+        values = rng.integers(0, 1 << 40, size, dtype=np.uint64)
+        hashes.add(values)
+        added |= set(values.tolist())
+        probe = np.concatenate([values, rng.integers(0, 1 << 40, 20, dtype=np.uint64)])
+        assert hashes.contains(probe).tolist() == [int(v) in added for v in probe]
+        assert len(hashes.chunks) <= 8  # merged pairwise as they grow
+    assert hashes.array().tolist() == sorted(added)
 
 
 def test_done_needs_an_ok_row_and_its_image_and_the_rest_is_retried(ray_cluster, tmp_path):

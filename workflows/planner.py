@@ -18,11 +18,11 @@ import ray
 
 from storage.images import safe_name
 from storage.shards import sample_key, shard_name
-from workflows.prompts import in_order_pool, on_this_node
+from workflows.prompts import in_order_pool, on_driver_node, reader_tasks
 from workflows.resume import expand_images
 
 log = logging.getLogger(__name__)
-MERGE_EVERY = 1 << 20  # hashes held in a Python set before they join the sorted array
+MERGE_EVERY = 1 << 20  # hashes held in sorted chunks before they join the sorted array
 
 
 def _hash(text: str) -> int:
@@ -50,35 +50,47 @@ def expand_and_hash(rows: pa.Table, images_per_prompt: int) -> pa.Table:
                "exact_hash": [_hash(f"{p}\0{s}") for p, s in pairs]}
     for name, values in columns.items():
         rows = rows.append_column(name, pa.array(values, pa.uint64()))
-    return rows
+    # ids stored under another name: the planner names them in its messages (its one per-row check, done here)
+    renamed = [safe_name(p) != p or sample_key(p, s) != f"{p}-s{s}" for p, s in pairs]
+    return rows.append_column("renamed", pa.array(renamed, pa.bool_()))
 
 
 HASH_COLUMNS = ["name_hash", "sample_hash", "exact_hash"]
+PLAN_COLUMNS = [*HASH_COLUMNS, "renamed"]  # the planner's inputs, not handed on
 
 
 class HashSet:
-    """A set of 64-bit hashes at 8 bytes each: a sorted array, and the latest additions in a set until there
-    are MERGE_EVERY of them."""
+    """A set of 64-bit hashes at 8 bytes each: a sorted array, and the latest additions in sorted chunks (merged
+    pairwise as they grow, so there are few) until there are MERGE_EVERY of them. Looked up and added to a batch
+    at a time: a Python call per row cost more than the rest of planning."""
 
     def __init__(self, values: np.ndarray | None = None) -> None:
         self.base = np.unique(values).astype(np.uint64) if values is not None else np.empty(0, np.uint64)
-        self.recent: set[int] = set()
+        self.chunks: list[np.ndarray] = []
+        self.pending = 0
 
-    def in_base(self, values: np.ndarray) -> np.ndarray:
-        """Which of `values` the sorted array holds, for a whole batch at once (a lookup per row costs more)."""
-        if not len(self.base):
-            return np.zeros(len(values), bool)
-        at = np.minimum(np.searchsorted(self.base, values), len(self.base) - 1)
-        return self.base[at] == values
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        """Which of `values` the set holds."""
+        found = np.zeros(len(values), bool)
+        for held in (self.base, *self.chunks):
+            if len(held):
+                at = np.minimum(np.searchsorted(held, values), len(held) - 1)
+                found |= held[at] == values
+        return found
 
-    def add(self, value: int) -> None:
-        self.recent.add(value)
-        if len(self.recent) >= MERGE_EVERY:
-            self.base = np.union1d(self.base, np.fromiter(self.recent, np.uint64, len(self.recent)))
-            self.recent.clear()
+    def add(self, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        self.chunks.append(np.sort(values.astype(np.uint64)))
+        self.pending += len(values)
+        while len(self.chunks) > 1 and len(self.chunks[-1]) >= len(self.chunks[-2]):
+            last = self.chunks.pop()
+            self.chunks[-1] = np.sort(np.concatenate([self.chunks[-1], last]))
+        if self.pending >= MERGE_EVERY:
+            self.base, self.chunks, self.pending = self.array(), [], 0
 
     def array(self) -> np.ndarray:
-        return np.union1d(self.base, np.fromiter(self.recent, np.uint64, len(self.recent)))
+        return np.unique(np.concatenate([self.base, *self.chunks])) if self.chunks else self.base
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -108,7 +120,7 @@ class Planner:
     def plan(self, rows: pa.Table) -> pa.Table:
         """The rows of this batch to generate (webdataset: whole shards, complete ones only)."""
         if not rows.num_rows:
-            return rows.drop_columns(HASH_COLUMNS)
+            return rows.drop_columns(PLAN_COLUMNS)
         first = rows["source_row"][0].as_py()
         if first < self.last_row:
             raise RuntimeError(f"planner got row {first} after row {self.last_row}: the pipeline lost file order")
@@ -117,62 +129,76 @@ class Planner:
         self.images += rows.num_rows
         if self.layout == "files":
             keep = self._keep_files(rows)
-            out = rows.filter(pa.array(keep, pa.bool_())).drop_columns(HASH_COLUMNS)
+            out = rows.filter(keep).drop_columns(PLAN_COLUMNS)
             self.todo += out.num_rows
             return out
-        return self._cut_shards(rows.drop_columns(HASH_COLUMNS), final=False)
+        return self._cut_shards(rows.drop_columns(["sample_hash", "exact_hash", "renamed"]), final=False)
 
     def _mark_duplicates(self, rows: pa.Table) -> pa.Table:
-        """As workflows.resume used to on the driver, across every batch so far, with hashes."""
+        """As workflows.resume used to on the driver, across every batch so far, with hashes. A batch whose names
+        are new and distinct (the usual case) is taken whole; otherwise row by row, in order."""
         errors = rows["error"].to_pylist()
-        hashes = [rows[c].to_numpy() for c in HASH_COLUMNS]
-        names_known = self.names.in_base(hashes[0]) | self.names.in_base(hashes[1])
-        exact_known = self.exact.in_base(hashes[2])
-        recent, exact_recent = self.names.recent, self.exact.recent
-        columns = zip(rows["prompt_id"].to_pylist(), rows["seed"].to_pylist(), *(h.tolist() for h in hashes),
-                      strict=True)
-        for i, (pid, seed, name, sample, exact) in enumerate(columns):
-            if errors[i] is not None:
-                self.errors.add(name)
-                continue
-            taken = names_known[i] or name in recent or sample in recent
-            if taken and (exact_known[i] or exact in exact_recent):
-                errors[i] = (f"duplicate id {pid!r} with seed {seed}: an earlier row already generates this image; "
-                             "give each prompt a unique id, or a different seed")
-            elif taken:
-                hit = name if name in recent or self.names.in_base(np.array([name], np.uint64))[0] else sample
+        names, samples, exact = (rows[c].to_numpy() for c in HASH_COLUMNS)
+        valid = np.array([error is None for error in errors], bool)
+        self.errors.add(names[~valid])
+        name_known, sample_known = self.names.contains(names), self.names.contains(samples)
+        candidates = np.concatenate([names[valid], samples[valid]])
+        if (name_known | sample_known)[valid].any() or len(np.unique(candidates)) < len(candidates):
+            valid = self._mark_taken(rows, errors, valid, name_known, sample_known)
+            rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+        self.names.add(np.concatenate([names[valid], samples[valid]]))
+        self.exact.add(exact[valid])
+        renamed = valid & rows["renamed"].to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(renamed).tolist():
+            self.cleaned[int(names[i])] = self.cleaned[int(samples[i])] = rows["prompt_id"][i].as_py()
+        return rows
+
+    def _mark_taken(self, rows: pa.Table, errors: list[str | None], valid: np.ndarray, name_known: np.ndarray,
+                    sample_known: np.ndarray) -> np.ndarray:
+        """Row by row, in order: rows whose name an earlier row takes get their error (in `errors`); returns the
+        rows that take their names."""
+        names, samples, exact = (rows[c].to_numpy() for c in HASH_COLUMNS)
+        exact_known = self.exact.contains(exact)
+        pids, seeds = rows["prompt_id"].to_pylist(), rows["seed"].to_pylist()
+        taken_now: set[int] = set()
+        exact_now: set[int] = set()
+        accepted = np.zeros(len(errors), bool)
+        for i in np.flatnonzero(valid).tolist():
+            pid, seed, name, sample = pids[i], seeds[i], int(names[i]), int(samples[i])
+            by_name = bool(name_known[i]) or name in taken_now
+            if by_name or sample_known[i] or sample in taken_now:
+                if exact_known[i] or int(exact[i]) in exact_now:
+                    errors[i] = (f"duplicate id {pid!r} with seed {seed}: an earlier row already generates this "
+                                 "image; give each prompt a unique id, or a different seed")
+                    continue
+                hit = name if by_name else sample
                 earlier = self.cleaned.get(hit) or (safe_name(pid) if hit == name
                                                     else sample_key(pid, seed).removesuffix(f"-s{seed}"))
                 errors[i] = (f"id {pid!r} with seed {seed} would be stored under the same name as the earlier id "
                              f"{earlier!r}; rename one of them")
-            else:
-                self.names.add(name)
-                self.names.add(sample)
-                self.exact.add(exact)
-                recent, exact_recent = self.names.recent, self.exact.recent  # a merge empties them
-                if safe_name(pid) != pid or sample_key(pid, seed) != f"{pid}-s{seed}":
-                    self.cleaned[name] = self.cleaned[sample] = pid
-        return rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+                continue
+            accepted[i] = True
+            taken_now.update((name, sample))
+            exact_now.add(int(exact[i]))
+            if rows["renamed"][i].as_py():  # a later row of this batch may name this one
+                self.cleaned[name] = self.cleaned[sample] = pid
+        return accepted
 
-    def _keep_files(self, rows: pa.Table) -> list[bool]:
+    def _keep_files(self, rows: pa.Table) -> np.ndarray:
+        """Which rows to generate: not done ones, and input errors not recorded yet (or sharing the name of an
+        image retried, earlier in the file, which are reported again)."""
         names = rows["name_hash"].to_numpy()
-        done, recorded = self.done.in_base(names).tolist(), self.recorded.in_base(names).tolist()
-        keep = []
-        for name, error, is_done, is_recorded in zip(names.tolist(), rows["error"].to_pylist(), done, recorded,
-                                                     strict=True):
-            if error is not None:
-                again = not is_recorded or name in self.retrying.recent or bool(self.retrying.in_base(
-                    np.array([name], np.uint64))[0])
-                keep.append(again)
-                self.skipped_errors += not again
-            elif is_done:
-                keep.append(False)
-                self.skipped += 1
-            else:
-                keep.append(True)
-                if is_recorded:
-                    self.retried.append(name)
-                    self.retrying.add(name)
+        done, recorded = self.done.contains(names), self.recorded.contains(names)
+        valid = rows["error"].is_null().to_numpy(zero_copy_only=False)
+        keep = valid & ~done
+        retried = keep & recorded
+        self.skipped += int((valid & done).sum())
+        retrying = self.retrying.contains(names)
+        for i in np.flatnonzero(~valid).tolist():
+            keep[i] = not recorded[i] or retrying[i] or bool(np.isin(names[i], names[:i][retried[:i]]))
+            self.skipped_errors += not keep[i]
+        self.retried += names[retried].tolist()
+        self.retrying.add(names[retried])
         return keep
 
     def _cut_shards(self, rows: pa.Table, final: bool) -> pa.Table:
@@ -191,8 +217,8 @@ class Planner:
     def _shard(self, rows: pa.Table) -> list[pa.Table]:
         index, self.cut = self.cut // self.shard_size, self.cut + rows.num_rows
         name = shard_name(index)
-        verdict = self.shards.verdict(index, rows["prompt_id"].to_pylist(), rows["seed"].to_pylist(),
-                                     rows["error"].to_pylist(), self.output)
+        verdict = self.shards.verdict(index, rows, self.output)
+        rows = rows.drop_columns(["name_hash"])
         errors = rows.num_rows - rows["error"].null_count
         if verdict == "done":
             self.skipped += rows.num_rows - errors
@@ -206,8 +232,9 @@ class Planner:
 
     @staticmethod
     def _empty_shard(like: pa.Table) -> pa.Table:
-        return like.slice(0, 0).append_column("shard", pa.array([], pa.int64())).append_column(
-            "shard_rows", pa.array([], pa.int64()))
+        empty = like.slice(0, 0).drop_columns(["name_hash"])
+        return empty.append_column("shard", pa.array([], pa.int64())).append_column("shard_rows",
+                                                                                    pa.array([], pa.int64()))
 
     def counts(self) -> dict[str, int]:
         return {"skipped": self.skipped, "skipped_errors": self.skipped_errors}
@@ -241,11 +268,13 @@ class PlanStage:
 def planned_rows(ds: ray.data.Dataset, planner: Any, images_per_prompt: int) -> ray.data.Dataset:
     """`ds` (prompt rows in file order) expanded, hashed and planned: the rows to generate, still in order."""
     expand: Callable[[pa.Table], pa.Table] = lambda rows: expand_and_hash(rows, images_per_prompt)  # noqa: E731
-    ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0)
+    ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=reader_tasks())
     return ds.map_batches(PlanStage, fn_constructor_kwargs={"planner": planner}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=0, compute=in_order_pool())
+                          batch_format="pyarrow", num_cpus=0, compute=in_order_pool(),
+                          label_selector=on_driver_node())
 
 
 def start_planner(**kwargs: Any) -> Any:
-    """The Planner actor, on the driver's node (see workflows.prompts.on_this_node)."""
-    return Planner.options(scheduling_strategy=on_this_node()).remote(**kwargs)
+    """The Planner actor, on the driver's node (workflows.prompts.on_driver_node): never restarted with its hashes
+    lost (max_restarts=0): losing it stops the pipeline, and the job's pipeline restart plans again."""
+    return Planner.options(label_selector=on_driver_node()).remote(**kwargs)

@@ -16,7 +16,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 from pyarrow import fs
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from storage.prompts import PROMPT_SCHEMA, normalize_jsonl_lines, normalize_records, normalize_text_lines, prompt_format
 from storage.uris import resolve
@@ -198,16 +197,36 @@ def _read_part(parts: pa.Table) -> pa.Table:
 def prompt_rows(uri: str, endpoint_url: str | None = None, limit: int | None = None) -> ray.data.Dataset:
     """A dataset of validated prompt rows, numbered by their place in the file; with `limit`, its first rows.
 
-    Parts are counted (newlines, no parsing) and read in parallel tasks; one small actor numbers them in order.
-    It streams: rows flow on while later parts are read, and `limit` stops the reading once it has its rows
-    (Ray Data's limit ends the operators above it). Run it with preserve_order (in_file_order)."""
+    Parts are counted (newlines, no parsing) in parallel tasks; one small actor on the driver's node numbers them
+    in order; tasks read and validate them in parallel, and Ray Data hands their rows on in file order (the
+    dataset, and every one made from it, keeps its order: see in_order). It streams: rows flow on while later
+    parts are read, and `limit` stops the reading once it has its rows (Ray Data's limit ends the operators above
+    it)."""
     parts = prompt_parts(uri, endpoint_url)
-    ds = ray.data.from_items(parts, override_num_blocks=len(parts))
-    ds = ds.map_batches(_count_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS)
+    ds = in_order(ray.data.from_items(parts, override_num_blocks=len(parts)))
+    ds = ds.map_batches(_count_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS,
+                        concurrency=reader_tasks())
     ds = ds.map_batches(_Numberer, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
-                        compute=in_order_pool())
-    ds = ds.map_batches(_read_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS)
+                        compute=in_order_pool(), label_selector=on_driver_node())
+    ds = ds.map_batches(_read_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS,
+                        concurrency=reader_tasks())
     return ds.limit(limit) if limit is not None else ds
+
+
+def reader_tasks() -> int:
+    """How many reading tasks (counting, reading, validating, hashing) run at once: one per CPU of the cluster.
+    They ask for no CPU, so without a cap Ray Data starts a worker process per part at once, and on a small
+    machine their start-up (seconds each) delayed the first image by a minute (1 M prompts: 21 parts)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """`ds` run with preserve_order: each operator hands on its outputs in its inputs' order, however its parallel
+    tasks finish, so parts are numbered in order, `--limit` takes the first rows and the planner sees the file's
+    order. Set on the dataset's own context (which the datasets made from it share): a dataset runs with the
+    context it was made in, not the one current when it runs."""
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def in_order_pool() -> ray.data.ActorPoolStrategy:
@@ -216,10 +235,13 @@ def in_order_pool() -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1)
 
 
-def on_this_node() -> NodeAffinitySchedulingStrategy:
-    """Where the Planner actor runs: on the driver's node, which the job cannot outlive anyway (the actor is never
-    restarted with its hashes lost: losing it stops the pipeline, and the job's pipeline restart plans again)."""
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+def on_driver_node() -> dict[str, str]:
+    """A label selector for the driver's node, where the stateful stages run (the numbering and planning-stage
+    actors, the Planner): the job cannot outlive that node anyway, so a worker node lost mid-job takes with it
+    only stateless tasks and generation actors, which Ray retries and restarts, never the plan's state (an actor
+    restarted with its state gone stops the job: rows out of order). Being pinned also keeps Ray Data from fusing
+    the parallel reading and hashing tasks into these one-at-a-time actors (docs/scale.md)."""
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
 
 
 @contextmanager
@@ -238,8 +260,7 @@ def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | No
     """The prompt rows (the first `limit`) as one table, in file order: for tests and tools that want the rows
     at hand; the job streams them (prompt_rows). A file that is not UTF-8 or holds no prompt raises ConfigError."""
     try:
-        with in_file_order():
-            tables = ray.get(prompt_rows(uri, endpoint_url, limit).to_arrow_refs())
+        tables = ray.get(prompt_rows(uri, endpoint_url, limit).to_arrow_refs())
     except Exception as exc:
         message = prompt_file_error(exc)
         if message is None:

@@ -151,21 +151,27 @@ class ShardScan:
     key_shards: np.ndarray  # the shard of each
     taken: set[int] = field(default_factory=set)
 
-    def verdict(self, index: int, pids: list[str], seeds: list[int], errors: list[str | None], output: str) -> str:
+    def verdict(self, index: int, rows: pa.Table, output: str) -> str:
         """done (tar and exactly as many rows), redo-recorded (rows to take out first) or redo. A planned image
-        recorded only in other shards means the shards were cut otherwise: ConfigError."""
-        hashes = image_hashes(pids, seeds)
+        (`rows`: the shard's, with their `name_hash`) recorded only in other shards means the shards were cut
+        otherwise: ConfigError."""
+        hashes = rows["name_hash"].to_numpy()
         low, high = np.searchsorted(self.keys, hashes, "left"), np.searchsorted(self.keys, hashes, "right")
-        for i, error in enumerate(errors):
-            held = self.key_shards[low[i]:high[i]]
-            if error is None and len(held) and index not in held:
-                raise ConfigError(
-                    f"output {output} holds prompt {pids[i]!r} (seed {seeds[i]}) in shard {shard_name(int(held[0]))}, "
-                    f"but this run puts it in {shard_name(index)}: shards are cut from the prompt list in order, so "
-                    "resume with the same prompts, --limit, output.images_per_prompt and output.shard_size, or write "
-                    "to a new output")
+        valid = rows["error"].is_null().to_numpy(zero_copy_only=False)
+        one = (high - low == 1) & valid  # the usual case, at once; a key recorded more than once, row by row
+        elsewhere = one & (self.key_shards[np.minimum(low, len(self.keys) - 1)] != index) if len(self.keys) else one
+        several = np.flatnonzero((high - low > 1) & valid)
+        wrong = [int(i) for i in np.flatnonzero(elsewhere)] + [
+            int(i) for i in several if index not in self.key_shards[low[i]:high[i]]]
+        if wrong:
+            i = min(wrong)
+            pid, seed, held = rows["prompt_id"][i].as_py(), rows["seed"][i].as_py(), self.key_shards[low[i]:high[i]]
+            raise ConfigError(
+                f"output {output} holds prompt {pid!r} (seed {seed}) in shard {shard_name(int(held[0]))}, but this "
+                f"run puts it in {shard_name(index)}: shards are cut from the prompt list in order, so resume with "
+                "the same prompts, --limit, output.images_per_prompt and output.shard_size, or write to a new output")
         recorded = self.counts.get(index, 0) if index not in self.taken else 0
-        if index in self.tars and recorded == len(pids):
+        if index in self.tars and recorded == rows.num_rows:
             return "done"
         return "redo-recorded" if recorded else "redo"
 
