@@ -10,15 +10,11 @@ exactly as if it had never stopped. Held-out scenes use seeds no training batch 
 import copy
 import json
 import math
-import multiprocessing
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -36,7 +32,7 @@ from sparsevar.config import StrictModel
 from sparsevar.demo import scenes
 from sparsevar.demo.scenes import HELD_OUT_SEED
 from sparsevar.demo.tokenizer import Encoder, quantize, stage_inputs
-from sparsevar.demo.yardstick import Yardstick, pixels, scene_labels
+from sparsevar.demo.yardstick import Yardstick, accuracy, described, pixels
 
 
 def demo_model() -> TinyConfig:
@@ -59,7 +55,7 @@ class TrainConfig(StrictModel):
     tokenizer: Phase = Phase(steps=600, batch=12, lr=2e-3)
     decoder: Phase = Phase(steps=200, batch=12, lr=5e-4)
     transformer: Phase = Phase(steps=1000, batch=16, lr=2e-3)
-    yardstick: Phase = Phase(steps=300, batch=32, lr=2e-3)
+    yardstick: Phase = Phase(steps=800, batch=32, lr=2e-3)
     cfg_dropout: float = Field(0.1, ge=0, le=1)
     commitment: float = Field(0.1, ge=0, description="weight of |f - f_hat|^2 that keeps the encoder in range")
     checkpoint_every: int = Field(50, ge=1)
@@ -71,7 +67,6 @@ class Runtime:
     """Where training runs: not part of the recipe (a run may resume on another device)."""
 
     device: torch.device = torch.device("cpu")
-    workers: int = 0  # processes rendering scenes ahead of the training step; 0 renders in the loop
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,31 +74,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(4.0 / F.mse_loss(a, b).clamp_min(1e-12)))
 
 
-def _batches(cfg: TrainConfig, phase: int, batch: int, steps: range, workers: int
-             ) -> Iterator[tuple[int, np.ndarray, list[str], list[scenes.Scene]]]:
-    """Each step's scenes; with workers, rendered by a process pool a few steps ahead (a GPU step is faster
-    than rendering its batch on one core)."""
-
-    def seeds(step: int) -> range:
+def _batches(cfg: TrainConfig, phase: int, batch: int, steps: range, device: torch.device
+             ) -> Iterator[tuple[int, torch.Tensor, list[str], list[scenes.Scene]]]:
+    """Each step's pictures (B, H, W, 3) uint8, rendered on the training device, with their captions and scenes."""
+    for step in steps:
         first = (phase * 10**8 + step * batch) % HELD_OUT_SEED + cfg.seed * 7919
-        return range(first, first + batch)
-
-    if workers == 0:
-        for step in steps:
-            yield step, *scenes.batch(seeds(step), cfg.model.image_side)
-        return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        pending: deque = deque()
-        for step in steps:
-            pending.append((step, pool.submit(scenes.batch, seeds(step), cfg.model.image_side)))
-            if len(pending) > 2 * workers:
-                done, future = pending.popleft()
-                yield done, *future.result()
-        for done, future in pending:
-            yield done, *future.result()
-    finally:  # a failed or interrupted step must not wait for the batches rendered ahead
-        pool.shutdown(wait=False, cancel_futures=True)
+        found, captions = zip(*(scenes.scene_from_seed(s) for s in range(first, first + batch)), strict=True)
+        yield step, scenes.render_batch(found, cfg.model.image_side, device), list(captions), list(found)
 
 
 def _lr(phase: Phase, step: int) -> float:
@@ -156,7 +133,7 @@ def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: R
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=phase.steps, initial=start, desc=name, dynamic_ncols=True, mininterval=5)
     began = time.time()
-    for step, images, captions, found in _batches(cfg, index, phase.batch, range(start, phase.steps), rt.workers):
+    for step, images, captions, found in _batches(cfg, index, phase.batch, range(start, phase.steps), rt.device):
         for group in optimizer.param_groups:
             group["lr"] = _lr(phase, step)
         loss, figures = step_fn(step, images, captions, found)
@@ -186,7 +163,7 @@ def train_tokenizer(cfg: TrainConfig, out: Path, rt: Runtime) -> tuple[Encoder, 
     params = [*encoder.parameters(), *decoder.parameters()]
 
     def step(index, images, captions, found):
-        x = pixels(images).to(rt.device)
+        x = pixels(images)
         f = encoder(x)
         f_hat, _ = quantize(f, m.patch_sizes)
         y = decoder(f_hat)
@@ -201,7 +178,7 @@ def finetune_decoder(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder,
     decoder = copy.deepcopy(decoder).train().requires_grad_(True)
 
     def step(index, images, captions, found):
-        x = pixels(images).to(rt.device)
+        x = pixels(images)
         with torch.no_grad():
             f_hat, _ = quantize(encoder(x), cfg.model.patch_sizes)
         y = decoder(f_hat)
@@ -211,11 +188,11 @@ def finetune_decoder(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder,
     return decoder.eval().requires_grad_(False)
 
 
-def teacher_batch(encoder: Encoder, cfg: TinyConfig, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_batch(encoder: Encoder, cfg: TinyConfig, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced stage inputs (B, L-1, bits) and target bits (B, L, bits) of a batch of pictures."""
     device = next(encoder.parameters()).device
     with torch.no_grad():
-        _, codes = quantize(encoder(pixels(images).to(device)), cfg.patch_sizes)
+        _, codes = quantize(encoder(pixels(images.to(device))), cfg.patch_sizes)
     targets_BLb = torch.cat([c.flatten(2).transpose(1, 2) for c in codes], dim=1) > 0
     return stage_inputs(codes, cfg.patch_sizes), targets_BLb.long()
 
@@ -264,10 +241,7 @@ def train_yardstick(cfg: TrainConfig, out: Path, rt: Runtime) -> Yardstick:
     yardstick = Yardstick().to(rt.device)
 
     def step(index, images, captions, found):
-        logits = yardstick(pixels(images).to(rt.device))
-        labels = torch.stack([scene_labels(s) for s in found]).to(rt.device)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        return loss, {"acc": float(((logits > 0) == (labels > 0.5)).float().mean())}
+        return yardstick.loss(pixels(images), found)
 
     _run("yardstick", cfg, cfg.yardstick, 3, out, rt, {"yardstick": yardstick}, list(yardstick.parameters()), step)
     return yardstick.eval().requires_grad_(False)
@@ -281,3 +255,10 @@ def tokenizer_psnr(cfg: TrainConfig, encoder: Encoder, decoder: Decoder) -> floa
         y = decoder(quantize(encoder(x), cfg.model.patch_sizes)[0])
     y = ((y + 1) * 127.5).round() / 127.5 - 1  # as the backend writes it: 8-bit
     return psnr(y, x)
+
+
+def yardstick_accuracy(yardstick: Yardstick, scenes_n: int, side: int) -> dict[str, float | None]:
+    """The yardstick's accuracy per attribute on held-out real scenes, every object's place named."""
+    images, _, found = scenes.held_out(scenes_n, side)
+    x = pixels(images).to(next(yardstick.parameters()).device)
+    return accuracy(yardstick.judge(x, [described(s) for s in found]))
