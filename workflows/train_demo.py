@@ -64,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, help="held-out scenes for the tokenizer's PSNR (default 64)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--store", choices=("fp32", "fp16"), default="fp32",
+                        help="precision of DIR/demo.safetensors (fp16: half the size, loaded back to fp32)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, _ = resolve_device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32: these small models train as well and faster
-    rt = Runtime(device)
+    rt = Runtime(device, torch.float16 if args.store == "fp16" else torch.float32)
     try:
         cfg = recipe(args.out / "config.json", args.recipe, args.steps, args.seed, args.held_out)
     except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                    >= cfg.transformer.steps):
         model = train_transformer(cfg, args.out, rt, encoder, decoder)
         model.decoder.load_state_dict(decoder.state_dict())
-        export_weights(model, args.out / "demo.safetensors")
+        export_weights(model, args.out / "demo.safetensors", rt.store)
     if "yardstick" in phases:
         yardstick = train_yardstick(cfg, args.out, rt)
         export_weights(yardstick, args.out / "yardstick.safetensors")

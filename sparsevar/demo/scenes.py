@@ -166,6 +166,7 @@ _TEMPLATES = (
     "{colour} {shape}, {fill}, {where}",
     "a {shape} in {colour}, {fill}",
 )
+_PLACED_SIBLING = {0: 1, 3: 2}  # a phrasing without the place -> the closest one with it
 
 
 def _where(shape: Shape) -> str:
@@ -173,22 +174,27 @@ def _where(shape: Shape) -> str:
     return "in the centre" if position == "centre" else f"at the {position}"
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming shape, colour and fill (and place) of every shape, in one of a few phrasings."""
+def caption(scene: Scene, rng: np.random.Generator, place: float = 0.0) -> str:
+    """A caption naming shape, colour and fill (and, in half the phrasings, place) of every shape. With place > 0,
+    a part whose phrasing leaves the place out names it anyway with that chance (its placed sibling phrasing):
+    training captions that teach places more often. The scene is drawn first, so it does not change."""
     parts = []
     for shape in scene.shapes:
-        template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+        template = int(rng.integers(len(_TEMPLATES)))
+        if place > 0 and "{where}" not in _TEMPLATES[template] and rng.random() < place:
+            template = _PLACED_SIBLING[template]
         article = "an" if shape.colour == "orange" else "a"
         words = {"colour": shape.colour, "fill": shape.fill, "shape": shape.shape, "where": _where(shape)}
-        parts.append(template.format(a=article, **words))
+        parts.append(_TEMPLATES[template].format(a=article, **words))
     return " and ".join(parts)
 
 
-def scene_from_seed(seed: int) -> tuple[Scene, str]:
-    """The scene and caption of a seed: the unit of the training set and of the held-out set."""
+def scene_from_seed(seed: int, place: float = 0.0) -> tuple[Scene, str]:
+    """The scene and caption of a seed: the unit of the training set and of the held-out set (place: `caption`'s,
+    0 for held-out captions)."""
     rng = np.random.default_rng(seed)
     scene = sample_scene(rng)
-    return scene, caption(scene, rng)
+    return scene, caption(scene, rng, place)
 
 
 def held_out_captions(n: int) -> list[str]:
