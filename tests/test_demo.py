@@ -15,7 +15,15 @@ from sparsevar.backends.tiny.transformer import TextContext
 from sparsevar.config import SamplingConfig
 from sparsevar.demo import scenes
 from sparsevar.demo.tokenizer import Encoder, quantize, stage_inputs
-from sparsevar.demo.train import TrainConfig, _batches, demo_model, export_weights, sequence_layout, yardstick_accuracy
+from sparsevar.demo.train import (
+    TrainConfig,
+    _batches,
+    demo_model,
+    export_weights,
+    sequence_layout,
+    soften,
+    yardstick_accuracy,
+)
 from sparsevar.demo.yardstick import (
     GRID,
     SHIPPED,
@@ -127,6 +135,13 @@ def test_verdict_matches_objects_one_to_one_and_checks_the_count():
     one_twice = verdict(wanted[:1], [right[1], right[1]])  # two detections of one named object: count wrong
     assert one_twice.count is False and one_twice.score == 4 / 5
     assert verdict([], right).score == 1.0 and verdict([], right).count is None
+
+
+def test_softened_scenes_are_a_function_of_the_generator_and_stay_close():
+    x = pixels(scenes.batch(range(8), 64)[0])
+    a, b = soften(x, torch.Generator().manual_seed(5)), soften(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    assert (a - x).abs().mean() < 0.1
 
 
 def test_yardstick_targets_mark_each_centre_and_the_cells_of_each_object():

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsevar.backends import build_backend  # noqa: E402
+from sparsevar.demo import scenes  # noqa: E402
 from sparsevar.demo.yardstick import accuracy, load_yardstick, parse, pixels  # noqa: E402
 from sparsevar.generate import Request, generate  # noqa: E402
 from workflows import quality, train_demo  # noqa: E402
@@ -59,6 +60,17 @@ def step_rate(run: Path, recipe: dict) -> float:
     return (PROBE_STEPS - 10) / (times[PROBE_STEPS] - times[10])  # from step 10: warm-up and first steps left out
 
 
+def render_rate(device: torch.device, batch: int = 128, repeats: int = 5) -> float:
+    """Scenes per second that scenes.render_batch gives on the training device (sampling and captions included)."""
+    seeds = range(batch)
+    for _ in range(2):  # warm-up
+        scenes.render_batch([scenes.scene_from_seed(s)[0] for s in seeds], 128, device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        scenes.render_batch([scenes.scene_from_seed(s)[0] for s in seeds], 128, device).sum().item()
+    return batch * repeats / (time.perf_counter() - began)
+
+
 def sample_prompts(out: Path, overrides: list[str]) -> dict:
     """The 8 sample prompts, dense, at the job's sampling: grid with captions and the yardstick's verdicts."""
     rows = [json.loads(line) for line in (ROOT / "configs" / "prompts" / "sample.jsonl").read_text().splitlines()]
@@ -83,6 +95,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model and steps: the whole path on the CPU")
     args = parser.parse_args()
     began = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rendered = render_rate(device)
+    print(f"rendering on {device}: {rendered:.0f} scenes/s", flush=True)
     recipe, run = (SMOKE if args.smoke else RECIPE), args.out / "run"
     store = ["--store", "fp16"]
     train_demo.main(["--out", str(run), "--phases", "tokenizer,decoder", "--recipe", json.dumps(recipe), *store])
@@ -101,9 +116,9 @@ def main() -> int:
     for name in ("demo.safetensors", "config.json", "summary.json", "log.jsonl"):
         shutil.copy(run / name, args.out / name)
     (args.out / "model.json").write_text(json.dumps({k: v for k, v in model.items() if k != "weights"}, indent=2))
-    summary = {"transformer_steps_per_s": rate, "transformer_steps": steps, "seconds": time.time() - began,
-               "samples": samples["accuracy"], "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-               else None}
+    summary = {"render_scenes_per_s": rendered, "transformer_steps_per_s": rate, "transformer_steps": steps,
+               "seconds": time.time() - began, "samples": samples["accuracy"],
+               "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None}
     (args.out / "gpu_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
