@@ -4,6 +4,7 @@ Exactly the structure SparseVAR exploits: most of a picture is low-frequency, de
 Every scene is a pure function of its seed.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,7 +111,7 @@ class ShapeTable:
         half = self.radius * 0.85
         square = (dx.abs() <= half) & (dy.abs() <= half)
         r = self.radius * 1.1  # an upward equilateral triangle inscribed in the circle of the given radius
-        triangle = (dy <= r / 2) & (np.sqrt(3) * dx - dy <= r) & (-np.sqrt(3) * dx - dy <= r)
+        triangle = (dy <= r / 2) & (math.sqrt(3) * dx - dy <= r) & (-math.sqrt(3) * dx - dy <= r)
         return torch.where(self.kind == 0, circle, torch.where(self.kind == 1, square, triangle)) & self.present
 
     def textures(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
