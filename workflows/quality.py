@@ -21,7 +21,7 @@ from sparsevar.backends import build_backend
 from sparsevar.calibration import psnr_db
 from sparsevar.config import SparseVARConfig, SpeedupConfig
 from sparsevar.demo.scenes import held_out
-from sparsevar.demo.yardstick import Yardstick, load_yardstick, pixels
+from sparsevar.demo.yardstick import ATTRIBUTES, Yardstick, accuracy, described, load_yardstick, parse, pixels
 from sparsevar.generate import NO_SPEEDUPS, ImageResult, Request, first_sparse_stage, generate
 from sparsevar.speedups import compared
 from workflows.config import ConfigError, load_config
@@ -54,17 +54,27 @@ def measure(backend: Backend, requests: list[Request], sv: SparseVARConfig, spee
         out = generate(backend, chunk, sv, speedups)
         results += out
         per_image_ms.append(out[0].latency_ms / len(chunk))
-    scores = yardstick.score(pixels(np.stack([r.pixels_HWC for r in results])), [r.prompt for r in requests])
+    images = pixels(np.stack([r.pixels_HWC for r in results]))
+    verdicts = yardstick.judge(images, [parse(r.prompt) for r in requests])
     first = first_sparse_stage(sv.model_copy(update={"enabled": True}))
     kept = [s.kept / s.tokens for r in results for s in r.stages if s.stage >= first]
     row = {
         "latency_ms": statistics.median(per_image_ms),
-        "yardstick": float(scores.mean()),
-        "all_found": float((scores == 1).float().mean()),
+        "yardstick": statistics.mean(v.score for v in verdicts),
         "psnr_db": None if dense is None else psnr_db([r.pixels_HWC for r in results], [d.pixels_HWC for d in dense]),
         "kept_ratio": float(np.mean(kept)),
+        **accuracy(verdicts),
     }
     return row, results
+
+
+def reference(yardstick: Yardstick, real: np.ndarray, captions: list[str], found: list) -> dict[str, Any]:
+    """The yardstick on the held-out scenes themselves: against their captions (what the tables' rows are judged
+    on) and against everything true of them (every object's place named)."""
+    x = pixels(real)
+    by_caption = yardstick.judge(x, [parse(c) for c in captions])
+    return {"yardstick": statistics.mean(v.score for v in by_caption), **accuracy(by_caption),
+            "described": accuracy(yardstick.judge(x, [described(s) for s in found]))}
 
 
 TABLES = {
@@ -78,10 +88,22 @@ TABLES = {
 }
 
 
-def markdown(rows: list[dict[str, Any]], reference: dict[str, float], command: str) -> str:
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown(rows: list[dict[str, Any]], truth: dict[str, Any], command: str) -> str:
     lines = [f"Made by `{command}`.", "",
-             f"Yardstick on the held-out scenes themselves: {reference['yardstick']:.3f} "
-             f"(all attributes found: {reference['all_found']:.3f}).", ""]
+             f"Yardstick on the held-out scenes themselves: {truth['yardstick']:.3f} "
+             f"(all found: {truth['all_found']:.3f}).", "",
+             "### Per attribute: the share of the named objects that show it (count: of the pictures)", "",
+             f"| pictures | {' | '.join(ATTRIBUTES)} | count | all found |", "|---|" + "---|" * (len(ATTRIBUTES) + 2)]
+    per_attribute = [("real scenes, every attribute named", truth["described"]), ("real scenes, captions", truth)]
+    per_attribute += [(f"generated, {r['label']}", r) for r in rows if r["table"] == "tau"]
+    for label, shares in per_attribute:
+        cells = [_share(shares[a]) for a in (*ATTRIBUTES, "count", "all_found")]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines.append("")
     measured = {r["table"] for r in rows}
     for table, title in ((t, title) for t, title in TABLES.items() if t in measured):
         lines += [f"### {title}", "", "| setting | yardstick | all found | PSNR vs dense (dB) | kept | ms/image |",
@@ -113,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     backend = build_backend(cfg.model, cfg.sampling, cfg.runtime.device, cfg.runtime.dtype)
-    real, captions, _ = held_out(args.prompts, cfg.model.image_side)
+    real, captions, found = held_out(args.prompts, cfg.model.image_side)
     requests = [Request(caption, seed=i) for i, caption in enumerate(captions)]
-    truth = yardstick.score(pixels(real), captions)
-    reference = {"yardstick": float(truth.mean()), "all_found": float((truth == 1).float().mean())}
+    truth = reference(yardstick, real, captions, found)
     wanted = set(args.only.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     rows, dense = [], None
@@ -132,22 +153,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:32} yardstick {row['yardstick']:.3f}  PSNR {psnr}  "
               f"kept {row['kept_ratio']:.3f}  {row['latency_ms']:7.1f} ms/img", flush=True)
     command = "python -m workflows.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / "quality.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=2))
-    (args.out / "quality.md").write_text(markdown(rows, reference, command))
+    (args.out / "quality.json").write_text(json.dumps({"reference": truth, "rows": rows}, indent=2))
+    (args.out / "quality.md").write_text(markdown(rows, truth, command))
     return 0
 
 
 def write_grid(out: Path, images: list[np.ndarray], prompts: list[str]) -> None:
-    """samples.png: the dense samples in rows of (at most) four, a short last row padded white, and samples.txt:
-    their prompts in the same order."""
+    """samples.png: the dense samples in rows of (at most) four, each with its prompt written under it, a short last
+    row padded white; and samples.txt: the prompts in the same order."""
     from PIL import Image
 
     columns = min(4, len(images))
-    blank = np.full_like(images[0], 255)
-    padded = images + [blank] * (-len(images) % columns)
+    cells = [np.concatenate([image, caption_strip(prompt, image.shape[1])]) for image, prompt in zip(images, prompts,
+                                                                                                    strict=True)]
+    height = max(c.shape[0] for c in cells)
+    cells = [np.pad(c, ((0, height - c.shape[0]), (0, 0), (0, 0)), constant_values=255) for c in cells]
+    padded = cells + [np.full_like(cells[0], 255)] * (-len(cells) % columns)
     rows = [np.concatenate(padded[i:i + columns], axis=1) for i in range(0, len(padded), columns)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "samples.png")
     (out / "samples.txt").write_text("\n".join(prompts) + "\n")
+
+
+def caption_strip(text: str, width: int, size: int = 10) -> np.ndarray:
+    """The text, word-wrapped to the width, black on white: (lines x 1.2 size + 4, width, 3) uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width - 4:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    strip = Image.new("RGB", (width, int(len(lines) * 1.2 * size) + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + int(i * 1.2 * size)), line, fill="black", font=font)
+    return np.asarray(strip)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ them by copying the two .safetensors files to sparsevar/demo/weights/.
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from sparsevar.demo.train import (
     train_tokenizer,
     train_transformer,
     train_yardstick,
+    yardstick_accuracy,
 )
 
 
@@ -64,18 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, help="held-out scenes for the tokenizer's PSNR (default 64)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=-1,
-                        help="processes rendering scenes ahead of training (default: all cores but one on a GPU, "
-                        "none on the CPU, where they would take the training's cores)")
+    parser.add_argument("--store", choices=("fp32", "fp16"), default="fp32",
+                        help="precision of DIR/demo.safetensors (fp16: half the size, loaded back to fp32)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, _ = resolve_device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32: these small models train as well and faster
-    workers = args.workers if args.workers >= 0 else (max(1, len(os.sched_getaffinity(0)) - 1)
-                                                      if device.type == "cuda" else 0)
-    rt = Runtime(device, workers)
+    rt = Runtime(device, torch.float16 if args.store == "fp16" else torch.float32)
     try:
         cfg = recipe(args.out / "config.json", args.recipe, args.steps, args.seed, args.held_out)
     except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
@@ -97,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
                                    >= cfg.transformer.steps):
         model = train_transformer(cfg, args.out, rt, encoder, decoder)
         model.decoder.load_state_dict(decoder.state_dict())
-        export_weights(model, args.out / "demo.safetensors")
+        export_weights(model, args.out / "demo.safetensors", rt.store)
     if "yardstick" in phases:
         yardstick = train_yardstick(cfg, args.out, rt)
         export_weights(yardstick, args.out / "yardstick.safetensors")
+        shares = yardstick_accuracy(yardstick, 4 * cfg.held_out, cfg.model.image_side)
+        summary["yardstick_held_out"] = {k: None if v is None else round(v, 4) for k, v in shares.items()}
+        print(f"yardstick on {4 * cfg.held_out} held-out scenes: {summary['yardstick_held_out']}")
     summary[f"seconds_{'+'.join(phases)}"] = round(time.time() - began, 1)
     summary_path.write_text(json.dumps(summary, indent=2))
     return 0

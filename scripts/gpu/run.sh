@@ -15,11 +15,7 @@ if [ $# -lt 1 ] || [ -z "$1" ]; then echo "usage: scripts/gpu/run.sh OUTDIR [BEN
 out=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2; shift
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-    site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/gpu/site.sh
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))") || exit 1
 {
     date -u +%FT%TZ; nvidia-smi 2>/dev/null
