@@ -43,7 +43,7 @@ from workflows.config import ConfigError, load_config
 from workflows.errors import exception_chain
 from workflows.planner import planned_rows, start_planner
 from workflows.progress import JobProgress
-from workflows.prompts import check_prompts, in_file_order, prompt_file_error, prompt_rows
+from workflows.prompts import check_prompts, prompt_file_error, prompt_rows
 from workflows.run_record import (
     dataset_record,
     failed_rows,
@@ -233,13 +233,12 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
     prefix = f"{run_id}-{attempt}"
     try:
         try:
-            with in_file_order():
-                follow_batches(generate_dataset(cfg, job.rows, output, run_id, prefix, limit), lease, progress)
-                finished = ray.get(job.planner.finish.remote())
-                tail = finished["tail"]
-                if tail is not None and tail.num_rows:
-                    follow_batches(generate_dataset(cfg, ray.data.from_arrow([tail]), output, run_id,
-                                                    f"{prefix}-last", 1), lease, progress)
+            follow_batches(generate_dataset(cfg, job.rows, output, run_id, prefix, limit), lease, progress)
+            finished = ray.get(job.planner.finish.remote())
+            tail = finished["tail"]
+            if tail is not None and tail.num_rows:
+                follow_batches(generate_dataset(cfg, ray.data.from_arrow([tail]), output, run_id,
+                                                f"{prefix}-last", 1), lease, progress)
         except Exception as exc:
             message = prompt_file_error(exc)
             if message is None:

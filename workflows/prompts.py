@@ -6,8 +6,6 @@ of failing the job.
 """
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -242,18 +240,6 @@ def on_driver_node() -> dict[str, str]:
     restarted with its state gone stops the job: rows out of order). Being pinned also keeps Ray Data from fusing
     the parallel reading and hashing tasks into these one-at-a-time actors (docs/scale.md)."""
     return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-
-
-@contextmanager
-def in_file_order() -> Iterator[None]:
-    """Ray Data keeps the file's row order only when asked: parts are numbered in order, `--limit` takes the
-    first rows and shards are cut from the list in order."""
-    options = ray.data.DataContext.get_current().execution_options
-    before, options.preserve_order = options.preserve_order, True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
 
 
 def read_prompt_table(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> pa.Table:
