@@ -7,7 +7,9 @@ import io
 import json
 import os
 import re
+import tempfile
 import uuid
+from collections.abc import Iterable
 from contextlib import suppress
 from typing import Literal, NamedTuple
 
@@ -15,7 +17,7 @@ import numpy as np
 from PIL import Image
 from pyarrow import fs
 
-from storage.s3 import put_bytes
+from storage.s3 import put_bytes, put_file
 from storage.uris import join, resolve
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -124,25 +126,40 @@ class ImageWriter:
         return StoredImage(uri, hashlib.sha256(data).hexdigest(), len(data))
 
 
-def write_imagefolder_metadata(output_uri: str, records: list[dict], endpoint_url: str | None = None) -> str | None:
+def write_imagefolder_metadata(output_uri: str, records: Iterable[dict], endpoint_url: str | None = None) -> str | None:
     """Write ``{output}/images/metadata.jsonl`` (replacing it whole, atomically), so that
     ``datasets.load_dataset("imagefolder", data_dir="{output}/images")`` loads the images with their columns.
 
     Each record needs ``file_name`` (the image's name in the folder); every record must have the same keys.
-    For no records an earlier file is removed (it would list images that are gone) and nothing is written.
-    Returns the file's URI, or None when there is no file.
+    Records stream through a temp file (any number of them, one at a time in memory), which is renamed into
+    place or uploaded. For no records an earlier file is removed (it would list images that are gone) and nothing
+    is written. Returns the file's URI, or None when there is no file.
     """
     filesystem, root = resolve(output_uri, endpoint_url)
     path = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
-    if not records:
-        if filesystem.get_file_info(path).type == fs.FileType.File:
-            filesystem.delete_file(path)
-        return None
-    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
-    if isinstance(filesystem, fs.LocalFileSystem):
-        uri = path
-        _write_local_atomically(uri, data)
-    else:
+    local = isinstance(filesystem, fs.LocalFileSystem)
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(path) if local else None,
+                                       prefix=f".{IMAGEFOLDER_METADATA}.", suffix=".tmp", delete=False)
+    try:
+        with temp:
+            written = 0
+            for record in records:
+                temp.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+                written += 1
+            temp.flush()
+            os.fsync(temp.fileno())
+        if not written:
+            if filesystem.get_file_info(path).type == fs.FileType.File:
+                filesystem.delete_file(path)
+            return None
+        if local:
+            os.replace(temp.name, path)
+            return path
         uri = join(output_uri, IMAGE_DIR, IMAGEFOLDER_METADATA)
-        put_bytes(uri, data, "application/jsonl", endpoint_url)
-    return uri
+        put_file(uri, temp.name, "application/jsonl", endpoint_url)
+        return uri
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(temp.name)

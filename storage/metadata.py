@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -102,13 +103,32 @@ def write_metadata_file(output_uri: str, name: str, table: pa.Table, endpoint_ur
     return path
 
 
-def read_metadata(output_uri: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Read every Parquet file under ``{output_uri}/metadata/`` (only ``columns`` when given), e.g. to find work
-    a resumed run can skip. Files written before a column existed read it as null.
+def read_metadata(output_uri: str, endpoint_url: str | None = None, columns: list[str] | None = None,
+                  where: ds.Expression | None = None) -> pa.Table:
+    """Read every Parquet file under ``{output_uri}/metadata/`` (only ``columns``, and only rows matching ``where``,
+    when given), e.g. to find work a resumed run can skip. Files written before a column existed read it as null.
 
     Only ``*.parquet`` files count; hidden or ``_``-prefixed files and folders (temp files, markers)
     are skipped so an interrupted writer's leftovers cannot break the read.
     """
+    dataset = metadata_dataset(output_uri, endpoint_url)
+    if dataset is None:
+        empty = METADATA_SCHEMA.empty_table()
+        return empty.select(columns) if columns is not None else empty
+    return dataset.to_table(columns=columns, filter=where)
+
+
+def scan_metadata(output_uri: str, endpoint_url: str | None, columns: list[str],
+                  where: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
+    """The metadata as record batches, file by file (read_metadata's files, columns and rows): for readers that
+    aggregate by column, so an output of any size costs them one batch of memory, not the whole table."""
+    dataset = metadata_dataset(output_uri, endpoint_url)
+    if dataset is not None:
+        yield from dataset.to_batches(columns=columns, filter=where)
+
+
+def metadata_dataset(output_uri: str, endpoint_url: str | None = None) -> ds.Dataset | None:
+    """The output's metadata files as one pyarrow dataset of METADATA_SCHEMA (None when there are none)."""
     filesystem, root = resolve(output_uri, endpoint_url)
     folder = join(root, METADATA_DIR)
     files = [
@@ -117,10 +137,8 @@ def read_metadata(output_uri: str, endpoint_url: str | None = None, columns: lis
         if info.type == fs.FileType.File and _is_visible_parquet(info.path[len(folder) :])
     ]
     if not files:
-        empty = METADATA_SCHEMA.empty_table()
-        return empty.select(columns) if columns is not None else empty
-    dataset = ds.dataset(sorted(files), schema=METADATA_SCHEMA, format="parquet", filesystem=filesystem)
-    return dataset.to_table(columns=columns)
+        return None
+    return ds.dataset(sorted(files), schema=METADATA_SCHEMA, format="parquet", filesystem=filesystem)
 
 
 def _is_visible_parquet(relative_path: str) -> bool:

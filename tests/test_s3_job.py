@@ -41,7 +41,7 @@ def test_prompts_images_and_metadata_on_s3_and_resume(ray_cluster, fast_override
     images = objects(bucket, "out/run1/images/")
     index = [json.loads(line) for line in images.pop("out/run1/images/metadata.jsonl").decode().splitlines()]
     assert sorted(images) == [f"out/run1/images/p{i}-s{i}.png" for i in range(5)]
-    assert [r["file_name"] for r in index] == [f"p{i}-s{i}.png" for i in range(5)]  # Hugging Face imagefolder
+    assert sorted(r["file_name"] for r in index) == [f"p{i}-s{i}.png" for i in range(5)]  # Hugging Face imagefolder
     head = bucket.head_object(Bucket="bucket", Key="out/run1/images/p0-s0.png")
     assert head["ContentType"] == "image/png"
     filesystem, path = resolve("s3://bucket/out/run1/metadata", s3_endpoint)

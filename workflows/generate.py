@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.util.annotations import RayDeprecationWarning
@@ -34,7 +33,7 @@ from actors.generator import Generator
 from sparsevar.generate import first_sparse_stage
 from storage.images import write_imagefolder_metadata
 from storage.lease import LeaseHeld, OutputLease
-from storage.metadata import read_metadata
+from storage.metadata import read_metadata, scan_metadata
 from storage.shards import remove_temp_files
 from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
@@ -43,10 +42,10 @@ from workflows.config import ConfigError, load_config
 from workflows.errors import exception_chain
 from workflows.planner import planned_rows, start_planner
 from workflows.progress import JobProgress
-from workflows.prompts import check_prompts, prompt_file_error, prompt_rows
+from workflows.prompts import check_prompts, prompt_file_error, prompt_parts, prompt_rows
 from workflows.run_record import (
+    FAILED_SHOWN,
     dataset_record,
-    failed_rows,
     failed_rows_query,
     read_runs,
     versions,
@@ -54,6 +53,7 @@ from workflows.run_record import (
     write_run_json,
 )
 from workflows.scan import scan_files, scan_shards, take_out_images
+from workflows.tally import RowCounts, tally_metadata
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_BAD_INPUT, EXIT_JOB_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -290,31 +290,30 @@ def follow_batches(dataset: ray.data.Dataset, lease: OutputLease, progress: JobP
         context.enable_progress_bars = bars
 
 
-SUMMARY_COLUMNS = ["status", "error", "prompt_id", "seed", "source_row", "run_id", "stages", "tau", "latency_ms"]
-
-
 def finish_run(cfg: JobConfig, prompts: str, output: str, run_id: str, started_at: datetime, started: float,
                first: Counts, status: str, error: str | None = None, deduplicated: int = 0,
                controller: Any = None, restartable: bool = False) -> Summary:
     """Record how this invocation ended (`runs/<run_id>.json`, its counts from the rows it left in the metadata,
-    so an interrupted run's too) and recompute the dataset's `run.json` from all the metadata and run records."""
+    so an interrupted run's too) and recompute the dataset's `run.json` from all the metadata and run records,
+    counted by column (workflows.tally)."""
     endpoint = cfg.storage.endpoint_url
     seconds = time.perf_counter() - started
-    table = read_metadata(output, endpoint, SUMMARY_COLUMNS)
-    mine = table.filter(pc.equal(table["run_id"], run_id))
-    first_sparse = first_sparse_stage(cfg.sparsevar)
-    summary = replace(summarize(mine, seconds, first_sparse), skipped=first.skipped,
-                      skipped_errors=first.skipped_errors, deduplicated=deduplicated,
-                      restartable_pool=restartable,
-                      failed_rows=tuple(failed_rows(mine)), failed_query=failed_rows_query(output, endpoint))
+    tally = tally_metadata(output, endpoint, FAILED_SHOWN)
+    mine, first_sparse = tally.runs.get(run_id, RowCounts()), first_sparse_stage(cfg.sparsevar)
+    summary = Summary(mine.images, mine.failed, seconds, mine.kept_ratio_by_stage(first_sparse),
+                      skipped=first.skipped, skipped_errors=first.skipped_errors, deduplicated=deduplicated,
+                      restartable_pool=restartable, failed_rows=tuple(mine.failed_rows),
+                      failed_query=failed_rows_query(output, endpoint))
     if controller is not None:
-        summary = replace(summary, adaptive=adaptive_report(mine, cfg, controller))
+        ok_rows = read_metadata(output, endpoint, ["status", "tau", "latency_ms"],
+                                (pc.field("run_id") == run_id) & (pc.field("status") == "ok"))
+        summary = replace(summary, adaptive=adaptive_report(ok_rows, cfg, controller))
     record = {**run_record(cfg, prompts, output, run_id, started_at, summary), "status": status}
     if error is not None:
         record["error"] = error
     write_run(output, record, endpoint)
-    kept = summarize(table, seconds, first_sparse).kept_ratio_by_stage
-    write_run_json(output, dataset_record(record, read_runs(output, endpoint), table, kept), endpoint)
+    dataset = dataset_record(record, read_runs(output, endpoint), tally, tally.total.kept_ratio_by_stage(first_sparse))
+    write_run_json(output, dataset, endpoint)
     return summary
 
 
@@ -373,7 +372,8 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: b
     endpoint = cfg.storage.endpoint_url
     try:
         finish_compactions(output, endpoint)
-        rows = prompt_rows(prompts, endpoint, limit)
+        parts = prompt_parts(prompts, endpoint)
+        rows = prompt_rows(prompts, endpoint, limit, parts)
         common = {"layout": cfg.output.format, "shard_size": cfg.output.shard_size, "whole_file": limit is None,
                   "output": output, "endpoint": endpoint}
         if cfg.output.format == "webdataset":
@@ -383,20 +383,18 @@ def plan(cfg: JobConfig, prompts: str, output: str, limit: int | None, verify: b
             planner, surplus = start_planner(**common, done=found.done, recorded=found.recorded), found.deduplicated
     except OSError as exc:
         raise ConfigError(f"cannot read output {output}: {exc} (check the URI, the endpoint and your access)") from None
-    return Plan(planned_rows(rows, planner, cfg.output.images_per_prompt), planner, surplus)
+    return Plan(planned_rows(rows, planner, cfg.output.images_per_prompt, len(parts)), planner, surplus)
 
 
 def write_imagefolder_index(output: str, endpoint_url: str | None) -> None:
-    """`{output}/images/metadata.jsonl` for Hugging Face `imagefolder`, rebuilt whole from all the metadata, so it
-    lists every image once however many runs made them."""
-    columns = ["prompt_id", "prompt", "seed", "model", "width", "height", "tau", "image_uri", "image_sha256", "status"]
-    table = read_metadata(output, endpoint_url, columns)
-    ok = table.filter(pc.equal(table["status"], "ok")).drop_columns(["status"])
-    records = {}
-    for row in ok.to_pylist():
-        name = posixpath.basename(row.pop("image_uri"))
-        records[name] = {"file_name": name, **row}
-    write_imagefolder_metadata(output, [records[name] for name in sorted(records)], endpoint_url)
+    """`{output}/images/metadata.jsonl` for Hugging Face `imagefolder`, rebuilt whole from all the metadata's ok
+    rows, a record batch at a time, in the metadata's order (the driver never holds them all). It lists every
+    image once, as the metadata does by the time it is written: the run has taken out the surplus rows."""
+    columns = ["prompt_id", "prompt", "seed", "model", "width", "height", "tau", "image_uri", "image_sha256"]
+    batches = scan_metadata(output, endpoint_url, columns, pc.field("status") == "ok")
+    write_imagefolder_metadata(output, (
+        {"file_name": posixpath.basename(row.pop("image_uri")), **row}
+        for batch in batches for row in batch.to_pylist()), endpoint_url)
 
 
 def generate_dataset(cfg: JobConfig, rows: ray.data.Dataset, output: str, run_id: str, commit: str,
@@ -456,18 +454,6 @@ def run_record(cfg: JobConfig, prompts: str, output: str, run_id: str, started_a
     if summary.adaptive is not None:
         record["adaptive"] = summary.adaptive.as_dict()
     return record
-
-
-def summarize(table: pa.Table, seconds: float, first_sparse: int | None) -> Summary:
-    ok = table.filter(pc.equal(table["status"], "ok"))
-    kept: dict[int, list[float]] = {}
-    if first_sparse is not None:
-        for stages in ok["stages"].to_pylist():
-            for s in stages:
-                if s["stage"] >= first_sparse:
-                    kept.setdefault(s["stage"], []).append(s["kept"] / s["tokens"])
-    ratios = {stage: sum(values) / len(values) for stage, values in kept.items()}
-    return Summary(ok.num_rows, table.num_rows - ok.num_rows, seconds, ratios)
 
 
 def write_run_report(output: str, cfg: JobConfig) -> None:

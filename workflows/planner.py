@@ -265,10 +265,11 @@ class PlanStage:
         return ray.get(self.planner.plan.remote(rows))
 
 
-def planned_rows(ds: ray.data.Dataset, planner: Any, images_per_prompt: int) -> ray.data.Dataset:
-    """`ds` (prompt rows in file order) expanded, hashed and planned: the rows to generate, still in order."""
+def planned_rows(ds: ray.data.Dataset, planner: Any, images_per_prompt: int, parts: int) -> ray.data.Dataset:
+    """`ds` (prompt rows of a file of `parts` parts, in file order) expanded, hashed and planned: the rows to
+    generate, still in order."""
     expand: Callable[[pa.Table], pa.Table] = lambda rows: expand_and_hash(rows, images_per_prompt)  # noqa: E731
-    ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=reader_tasks())
+    ds = ds.map_batches(expand, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=reader_tasks(parts))
     return ds.map_batches(PlanStage, fn_constructor_kwargs={"planner": planner}, batch_size=None,
                           batch_format="pyarrow", num_cpus=0, compute=in_order_pool(),
                           label_selector=on_driver_node())

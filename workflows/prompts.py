@@ -192,30 +192,33 @@ def _read_part(parts: pa.Table) -> pa.Table:
     return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()
 
 
-def prompt_rows(uri: str, endpoint_url: str | None = None, limit: int | None = None) -> ray.data.Dataset:
+def prompt_rows(uri: str, endpoint_url: str | None = None, limit: int | None = None,
+                parts: list[dict[str, Any]] | None = None) -> ray.data.Dataset:
     """A dataset of validated prompt rows, numbered by their place in the file; with `limit`, its first rows.
 
     Parts are counted (newlines, no parsing) in parallel tasks; one small actor on the driver's node numbers them
     in order; tasks read and validate them in parallel, and Ray Data hands their rows on in file order (the
     dataset, and every one made from it, keeps its order: see in_order). It streams: rows flow on while later
     parts are read, and `limit` stops the reading once it has its rows (Ray Data's limit ends the operators above
-    it)."""
-    parts = prompt_parts(uri, endpoint_url)
+    it). `parts`: the file's parts (prompt_parts), where the caller has listed them already."""
+    parts = prompt_parts(uri, endpoint_url) if parts is None else parts
     ds = in_order(ray.data.from_items(parts, override_num_blocks=len(parts)))
     ds = ds.map_batches(_count_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS,
-                        concurrency=reader_tasks())
+                        compute=reader_tasks(len(parts)))
     ds = ds.map_batches(_Numberer, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         compute=in_order_pool(), label_selector=on_driver_node())
     ds = ds.map_batches(_read_part, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS,
-                        concurrency=reader_tasks())
+                        compute=reader_tasks(len(parts)))
     return ds.limit(limit) if limit is not None else ds
 
 
-def reader_tasks() -> int:
-    """How many reading tasks (counting, reading, validating, hashing) run at once: one per CPU of the cluster.
-    They ask for no CPU, so without a cap Ray Data starts a worker process per part at once, and on a small
-    machine their start-up (seconds each) delayed the first image by a minute (1 M prompts: 21 parts)."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def reader_tasks(parts: int) -> ray.data.TaskPoolStrategy:
+    """The reading tasks (counting, reading, validating, hashing) of a file of `parts` parts: at most one per CPU of
+    the cluster and one per part. They ask for no CPU, so without a cap Ray Data starts a worker process per part
+    at once, and on a small machine their start-up (seconds each) delayed the first image by a minute (1 M
+    prompts: 21 parts); a cap above the parts makes Ray warn of tasks without input. The stages that read a part
+    share one size, so Ray Data fuses them into one task per part."""
+    return ray.data.TaskPoolStrategy(size=max(1, min(parts, int(ray.cluster_resources().get("CPU", 1)))))
 
 
 def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:

@@ -10,11 +10,10 @@ import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from pyarrow import fs
 
 from storage.uris import join, resolve, write_bytes
+from workflows.tally import RowCounts, Tally
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -78,12 +77,6 @@ def read_runs(output: str, endpoint_url: str | None = None) -> list[dict[str, An
     return sorted(runs, key=lambda run: (run.get("started") or "", run.get("run_id") or ""))
 
 
-def failed_rows(table: pa.Table, limit: int = FAILED_SHOWN) -> list[dict[str, Any]]:
-    """The first `limit` error rows of a metadata table: where in the prompt file, which prompt, why."""
-    errors = table.filter(pc.equal(table["status"], "error")).slice(0, limit)
-    return errors.select(["source_row", "prompt_id", "seed", "error"]).to_pylist()
-
-
 def failed_rows_query(output: str, endpoint_url: str | None = None) -> str:
     """A command that prints every failed row of the output (no tool beyond this package)."""
     endpoint = f", {endpoint_url!r}" if endpoint_url else ""
@@ -92,31 +85,20 @@ def failed_rows_query(output: str, endpoint_url: str | None = None) -> str:
             "[print(r) for r in t.filter(pc.equal(t['status'], 'error')).to_pylist()]\"")
 
 
-def per_run_counts(table: pa.Table) -> dict[str | None, dict[str, int]]:
-    """run_id -> {"images": ok rows, "failed": error rows} over a metadata table (None: rows from before run_id)."""
-    counts: dict[str | None, dict[str, int]] = {}
-    for run_id, status in zip(table["run_id"].to_pylist(), table["status"].to_pylist(), strict=True):
-        entry = counts.setdefault(run_id, {"images": 0, "failed": 0})
-        entry["images" if status == "ok" else "failed"] += 1
-    return counts
-
-
-def dataset_record(latest: dict[str, Any], runs: list[dict[str, Any]], table: pa.Table,
+def dataset_record(latest: dict[str, Any], runs: list[dict[str, Any]], tally: Tally,
                    kept_ratio_by_stage: dict[int, float]) -> dict[str, Any]:
-    """run.json: the latest invocation's settings and outcome, the dataset's counts from its metadata (`table`:
-    status, error, prompt_id, seed, source_row, run_id), and every invocation with the rows it left there. A
-    record still `running` other than the latest is a run whose driver was killed (`killed`)."""
-    counts = per_run_counts(table)
+    """run.json: the latest invocation's settings and outcome, the dataset's counts from its metadata (`tally`),
+    and every invocation with the rows it left there. A record still `running` other than the latest is a run
+    whose driver was killed (`killed`)."""
     listed = []
     for run in runs:
         status = run.get("status")
         if status == "running" and run["run_id"] != latest["run_id"]:
             status = "killed"
         listed.append({"run_id": run["run_id"], "status": status, "started": run.get("started"),
-                       "finished": run.get("finished"), **counts.get(run["run_id"], {"images": 0, "failed": 0})})
+                       "finished": run.get("finished"), **_counts(tally.runs.get(run["run_id"]))})
     timed = [run for run in runs if run.get("images") and run.get("seconds")]
     seconds = sum(run["seconds"] for run in timed)
-    ok = sum(entry["images"] for entry in counts.values())
     finished = [run["finished"] for run in runs if run.get("finished")]
     return {
         **{k: v for k, v in latest.items() if k not in ("images", "failed", "seconds", "images_per_sec",
@@ -124,10 +106,14 @@ def dataset_record(latest: dict[str, Any], runs: list[dict[str, Any]], table: pa
                                                          "skipped_errors", "deduplicated")},
         "started": min((run["started"] for run in runs if run.get("started")), default=latest.get("started")),
         "finished": max(finished, default=latest.get("finished")),
-        "images": ok, "failed": table.num_rows - ok,
+        "images": tally.total.images, "failed": tally.total.failed,
         "seconds": seconds, "images_per_sec": sum(run["images"] for run in timed) / seconds if seconds else None,
         "kept_ratio_by_stage": {str(k): v for k, v in sorted(kept_ratio_by_stage.items())},
-        "failed_rows": failed_rows(table), "failed_rows_query": failed_rows_query(
+        "failed_rows": tally.total.failed_rows, "failed_rows_query": failed_rows_query(
             latest["output"], (latest.get("config") or {}).get("storage", {}).get("endpoint_url")),
         "runs": listed,
     }
+
+
+def _counts(counts: RowCounts | None) -> dict[str, int]:
+    return {"images": counts.images, "failed": counts.failed} if counts else {"images": 0, "failed": 0}
