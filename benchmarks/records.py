@@ -6,12 +6,14 @@ before. Time and peak RSS, each in a process of its own.
     python -m benchmarks.records --rows 1000000 10000000
 
 The output is made up: ok rows with ten stages each (the demo model's), a twentieth of them failed, in Parquet files
-of 1 M rows. The row-by-row baseline runs up to --baseline-max rows (it needs gigabytes beyond).
+of 1 M rows in row groups of 65,536, as the end-of-run compaction writes them. The row-by-row baseline runs up to
+--baseline-max rows (it needs gigabytes beyond).
 """
 
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.metadata import METADATA_SCHEMA, STAGE_TYPE
+from storage.metadata import METADATA_SCHEMA, SCAN_BATCH_ROWS, STAGE_TYPE
 
 ROWS_PER_FILE = 1_000_000
 STAGES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -42,10 +44,10 @@ def stages_column(n: int, rng: np.random.Generator) -> pa.ListArray:
 
 
 def make_output(output: Path, rows: int) -> None:
-    """`rows` metadata rows in files of ROWS_PER_FILE (kept from an earlier call)."""
-    folder = output / "metadata"
-    if folder.exists():
+    """`output`: `rows` metadata rows in files of ROWS_PER_FILE (kept from an earlier call)."""
+    if output.exists():
         return
+    shutil.rmtree(output.with_suffix(".tmp"), ignore_errors=True)  # a make cut off
     temp = output.with_suffix(".tmp") / "metadata"
     temp.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -63,9 +65,8 @@ def make_output(output: Path, rows: int) -> None:
                    "source_row": pa.array(index + 1), "run_id": pa.array(["run-a"] * n)}
         table = pa.table({f.name: columns[f.name].cast(f.type) if f.name in columns else pa.nulls(n, f.type)
                           for f in METADATA_SCHEMA}, schema=METADATA_SCHEMA)
-        pq.write_table(table, temp / f"synthetic-{start // ROWS_PER_FILE:06d}.parquet")
-    temp.rename(folder)
-    temp.parent.rmdir()
+        pq.write_table(table, temp / f"synthetic-{start // ROWS_PER_FILE:06d}.parquet", row_group_size=SCAN_BATCH_ROWS)
+    temp.parent.rename(output)
 
 
 def run_task(task: str, output: str) -> None:

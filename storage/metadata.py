@@ -12,6 +12,8 @@ from pyarrow import fs
 
 from storage.uris import join, resolve
 
+SCAN_BATCH_ROWS = 65_536
+
 STAGE_TYPE = pa.struct(
     [
         ("stage", pa.int32()),
@@ -121,10 +123,14 @@ def read_metadata(output_uri: str, endpoint_url: str | None = None, columns: lis
 def scan_metadata(output_uri: str, endpoint_url: str | None, columns: list[str],
                   where: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
     """The metadata as record batches, file by file (read_metadata's files, columns and rows): for readers that
-    aggregate by column, so an output of any size costs them one batch of memory, not the whole table."""
+    aggregate by column, so an output of any size costs them a row group or two of memory, not the whole table.
+    A file at a time: pyarrow's scan of the whole dataset read files ahead of a slower consumer without bound
+    (whatever its read-ahead settings; 1.7 GB of stage lists at 10 M rows, 0.3 GB file by file)."""
     dataset = metadata_dataset(output_uri, endpoint_url)
     if dataset is not None:
-        yield from dataset.to_batches(columns=columns, filter=where)
+        for fragment in dataset.get_fragments():
+            yield from fragment.to_batches(schema=dataset.schema, columns=columns, filter=where,
+                                           batch_size=SCAN_BATCH_ROWS, batch_readahead=1)
 
 
 def metadata_dataset(output_uri: str, endpoint_url: str | None = None) -> ds.Dataset | None:

@@ -219,9 +219,11 @@ def test_compaction_rewrites_many_files_into_few_with_every_row_once(ray_cluster
         rows = [{"prompt_id": f"p{i}-{j}", "prompt": "p", "seed": j, "model": "tiny", "status": "ok"} for j in range(3)]
         pq.write_table(metadata_table(rows), folder / f"batch-{i}.parquet")
     assert compact_metadata(str(tmp_path), None, max_files=5) == 0  # few enough: left as they were
-    assert compact_metadata(str(tmp_path), None, max_files=2) == 5
+    assert compact_metadata(str(tmp_path), None, max_files=2, rows_per_group=4) == 5
     files = sorted(p.name for p in folder.iterdir())
     assert len(files) == 1 and files[0].startswith("compacted-")
+    groups = pq.ParquetFile(folder / files[0]).metadata
+    assert [groups.row_group(g).num_rows for g in range(groups.num_row_groups)] == [4, 4, 4, 3]
     assert sorted(pq.read_table(folder)["prompt_id"].to_pylist()) == [f"p{i}-{j}" for i in range(5) for j in range(3)]
 
 

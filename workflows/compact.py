@@ -16,7 +16,7 @@ import uuid
 import ray
 from pyarrow import fs
 
-from storage.metadata import METADATA_DIR, METADATA_SCHEMA
+from storage.metadata import METADATA_DIR, METADATA_SCHEMA, SCAN_BATCH_ROWS
 from storage.uris import join, resolve
 from workflows.scan import metadata_files
 
@@ -27,9 +27,10 @@ MANIFEST = "_manifest.json"
 
 
 def compact_metadata(output: str, endpoint: str | None, max_files: int = MAX_FILES,
-                     rows_per_file: int = ROWS_PER_FILE) -> int:
+                     rows_per_file: int = ROWS_PER_FILE, rows_per_group: int = SCAN_BATCH_ROWS) -> int:
     """Rewrite the metadata into files of about `rows_per_file` rows when it holds more than `max_files`;
-    returns the files it replaced (0: left as it was)."""
+    returns the files it replaced (0: left as it was). Row groups of `rows_per_group` rows: a reader decodes a
+    row group whole, and Ray's default here (one group a file) made each read of a file cost ~1 GB."""
     files = metadata_files(output, endpoint)
     if len(files) <= max_files:
         return 0
@@ -39,7 +40,7 @@ def compact_metadata(output: str, endpoint: str | None, max_files: int = MAX_FIL
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     try:
         ray.data.read_parquet(files, filesystem=filesystem, schema=METADATA_SCHEMA).write_parquet(
-            folder, filesystem=filesystem, min_rows_per_file=rows_per_file)
+            folder, filesystem=filesystem, min_rows_per_file=rows_per_file, row_group_size=rows_per_group)
     finally:
         ctx.enable_progress_bars = bars
     with filesystem.open_output_stream(join(folder, MANIFEST)) as stream:
