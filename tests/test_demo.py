@@ -103,6 +103,42 @@ def test_teacher_forcing_gives_the_generation_loops_logits():
     torch.testing.assert_close(teacher, torch.cat(logits, 1), rtol=1e-4, atol=1e-4)
 
 
+def test_the_first_stages_alone_give_the_whole_sequences_logits_there():
+    """Block-causal attention: training on the first k stages (recipe layout_stages) is exact for their tokens."""
+    cfg = demo_model().model_copy(update={"patch_sizes": [1, 2, 3, 4]})
+    model = TinyModel(cfg)
+    ids, mask = TinyBackend(cfg, SamplingConfig(), torch.device("cpu")).tokenizer(["a red solid circle"], "cpu")
+    text = model.text_encoder(ids, mask)
+    context = TextContext([b.cross.text_kv(text) for b in model.transformer.blocks], mask[:, None, None, :])
+    cond, (rope, stage_ids) = model.transformer.condition(text, mask), sequence_layout(cfg)
+    inputs = torch.randn(1, 1 + 4 + 9 + 16 - 1, cfg.bits)
+    with torch.no_grad():
+        whole = model.transformer.forward_teacher(inputs, cond, rope, stage_ids, context)
+        first = model.transformer.forward_teacher(inputs[:, :13], cond, rope[:, :, :14], stage_ids[:14], context)
+    torch.testing.assert_close(first, whole[:, :14], rtol=1e-5, atol=1e-5)
+
+
+def test_fine_tuning_keeps_the_decoder_and_trains_the_layout_stages(tmp_path):
+    """recipe init: the tokenizer phase fits an encoder to the given model's frozen decoder, then the transformer
+    starts from its weights; with layout_stages, steps not divisible by full_every train the first stages only."""
+    recipe = json.dumps({"init": str(tmp_path / "init.safetensors"), "layout_stages": 3, "full_every": 2,
+                         "tokenizer": {"steps": 1, "batch": 2, "lr": 1e-3},
+                         "transformer": {"steps": 2, "batch": 2, "lr": 1e-3}})
+    torch.manual_seed(5)
+    init = TinyModel(demo_model())
+    export_weights(init, tmp_path / "init.safetensors")
+    run = tmp_path / "run"
+    assert train_demo.main(["--out", str(run), "--phases", "tokenizer,transformer", "--recipe", recipe,
+                            "--held-out", "2"]) == 0
+    tuned = TinyModel(demo_model())
+    load_weights(tuned, str(run / "demo.safetensors"))
+    same = {name: torch.equal(value, tuned.state_dict()[name]) for name, value in init.state_dict().items()}
+    assert all(v for k, v in same.items() if k.startswith("decoder."))
+    assert not any(v for k, v in same.items() if k.startswith(("text_encoder.", "transformer.blocks.")))
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert ["bit_acc_layout" in r for r in logged if r["phase"] == "transformer"] == [True]  # step 2 of 2
+
+
 def test_batches_render_every_scene_as_alone():
     """Scenes render in batches (chunked): each picture is what rendering it alone gives."""
     images, _, found = scenes.batch(range(20), 64)

@@ -4,6 +4,10 @@ Phases, in order: tokenizer (encoder and decoder), decoder (fine-tuned alone on 
 transformer, yardstick. Writes DIR/demo.safetensors (the tiny backend's weights, rewritten at every
 transformer checkpoint and at the end), DIR/yardstick.safetensors, DIR/log.jsonl and DIR/summary.json. Ship
 them by copying the two .safetensors files to sparsevar/demo/weights/.
+
+Fine-tuning a trained model: the recipe's `init` names its demo.safetensors (`demo`: the shipped one) and
+`--phases tokenizer,transformer` fits a new encoder to its frozen decoder (the weights hold none), then trains its
+text encoder and transformer on; `layout_stages` and `full_every` spend most steps on the first stages alone.
 """
 
 import argparse

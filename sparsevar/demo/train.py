@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sparsevar.attention import rope_2d_table
-from sparsevar.backends.tiny.backend import TinyModel
+from sparsevar.backends.tiny.backend import TinyModel, load_weights
 from sparsevar.backends.tiny.config import TinyConfig
 from sparsevar.backends.tiny.decoder import Decoder
 from sparsevar.backends.tiny.text import ByteTokenizer
@@ -62,6 +62,11 @@ class TrainConfig(StrictModel):
     commitment: float = Field(0.1, ge=0, description="weight of |f - f_hat|^2 that keeps the encoder in range")
     checkpoint_every: int = Field(50, ge=1)
     held_out: int = Field(64, ge=1)
+    init: str | None = Field(None, description="a demo.safetensors to fine-tune (text encoder and transformer); "
+                             "its decoder stays, and the tokenizer phase fits a new encoder to it, frozen")
+    layout_stages: int = Field(0, ge=0, description="if > 0, transformer steps not divisible by full_every train "
+                               "only the first this many stages: exact under block-causal attention, and cheaper")
+    full_every: int = Field(1, ge=1)
 
 
 @dataclass(frozen=True)
@@ -161,12 +166,23 @@ def _run(name: str, cfg: TrainConfig, phase: Phase, index: int, out: Path, rt: R
     log.close()
 
 
+def init_model(cfg: TrainConfig) -> TinyModel:
+    """The model to train: fresh (seeded by the caller), or cfg.init's weights."""
+    model = TinyModel(cfg.model)
+    if cfg.init is not None:
+        load_weights(model, cfg.init)
+    return model
+
+
 def train_tokenizer(cfg: TrainConfig, out: Path, rt: Runtime) -> tuple[Encoder, Decoder]:
+    """Encoder and decoder trained together; with cfg.init, the encoder alone against that model's decoder."""
     m = cfg.model
     torch.manual_seed(cfg.seed)
     encoder, decoder = Encoder(m.bits, m.decoder_channels, m.upsample), Decoder(m.bits, m.decoder_channels, m.upsample)
+    if cfg.init is not None:
+        decoder = init_model(cfg).decoder.requires_grad_(False)
     encoder, decoder = encoder.to(rt.device), decoder.to(rt.device)
-    params = [*encoder.parameters(), *decoder.parameters()]
+    params = [p for p in (*encoder.parameters(), *decoder.parameters()) if p.requires_grad]
 
     def step(index, images, captions, found):
         x = pixels(images)
@@ -214,7 +230,7 @@ def sequence_layout(cfg: TinyConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def train_transformer(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder, decoder: Decoder) -> TinyModel:
     m = cfg.model
     torch.manual_seed(cfg.seed + 1)
-    model = TinyModel(m).to(rt.device)
+    model = init_model(cfg).to(rt.device)
     model.decoder.load_state_dict(decoder.state_dict())
     model.decoder.requires_grad_(False)
     tokenizer = ByteTokenizer(m.max_text_tokens)
@@ -223,6 +239,10 @@ def train_transformer(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder
 
     def step(index, images, captions, found):
         inputs, targets = teacher_batch(encoder, m, images)
+        full = cfg.layout_stages == 0 or index % cfg.full_every == 0
+        # else the first stages only: under block-causal attention they never see the later ones
+        n = sum(p * p for p in m.patch_sizes[: None if full else cfg.layout_stages])
+        inputs, targets = inputs[:, : n - 1], targets[:, :n]
         ids, mask = tokenizer(captions, rt.device)
         text = model.text_encoder(ids, mask)
         dropout = torch.Generator().manual_seed((cfg.seed + 2) * 10**9 + index)  # per step, so resumes match
@@ -230,11 +250,12 @@ def train_transformer(cfg: TrainConfig, out: Path, rt: Runtime, encoder: Encoder
         text = torch.where(drop[:, None, None], model.cfg_uncond[: ids.shape[1]].expand_as(text), text)
         cond = model.transformer.condition(text, mask)
         context = TextContext([b.cross.text_kv(text) for b in model.transformer.blocks], mask[:, None, None, :])
-        logits = model.transformer.forward_teacher(inputs, cond, rope, stage_ids, context)
+        logits = model.transformer.forward_teacher(inputs, cond, rope[:, :, :n], stage_ids[:n], context)
         loss = F.cross_entropy(logits.reshape(-1, 2), targets.reshape(-1))
-        last = targets.shape[1] - m.patch_sizes[-1] ** 2
-        accuracy = (logits.detach().unflatten(-1, (-1, 2)).argmax(-1) == targets)[:, last:].float().mean()
-        return loss, {"bit_acc_last": float(accuracy)}
+        right = logits.detach().unflatten(-1, (-1, 2)).argmax(-1) == targets
+        if not full:
+            return loss, {"bit_acc_layout": float(right.float().mean())}
+        return loss, {"bit_acc_last": float(right[:, n - m.patch_sizes[-1] ** 2:].float().mean())}
 
     # usable weights at every checkpoint, so that a run cut short (a GPU lease running out) still ships something
     _run("transformer", cfg, cfg.transformer, 2, out, rt, {"model": model}, params, step,
