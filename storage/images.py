@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -73,14 +74,14 @@ def encode_image(pixels_HWC: np.ndarray, fmt: ImageFormat, quality: int = 95) ->
     return buffer.getvalue()
 
 
-def _write_local_atomically(path: str, data: bytes) -> None:
-    """Write via a hidden temp file and rename, so readers never see a partial image under its name."""
+def _write_local_atomically(path: str, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` via a hidden temp file and rename, so readers never see a partial file under its name."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     temp_path = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temp_path, "xb") as file:
-            file.write(data)
+            file.writelines(chunks)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_path, path)
@@ -120,7 +121,7 @@ class ImageWriter:
         key = image_key(prompt_id, seed, self.fmt)
         uri = join(self._root_uri, key)
         if self._local:
-            _write_local_atomically(uri, data)
+            _write_local_atomically(uri, [data])
         else:
             put_bytes(uri, data, CONTENT_TYPES[self.fmt], self.endpoint_url)
         return StoredImage(uri, hashlib.sha256(data).hexdigest(), len(data))
@@ -137,29 +138,19 @@ def write_imagefolder_metadata(output_uri: str, records: Iterable[dict], endpoin
     """
     filesystem, root = resolve(output_uri, endpoint_url)
     path = join(root, IMAGE_DIR, IMAGEFOLDER_METADATA)
-    local = isinstance(filesystem, fs.LocalFileSystem)
-    if local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(path) if local else None,
-                                       prefix=f".{IMAGEFOLDER_METADATA}.", suffix=".tmp", delete=False)
-    try:
-        with temp:
-            written = 0
-            for record in records:
-                temp.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
-                written += 1
-            temp.flush()
-            os.fsync(temp.fileno())
-        if not written:
-            if filesystem.get_file_info(path).type == fs.FileType.File:
-                filesystem.delete_file(path)
-            return None
-        if local:
-            os.replace(temp.name, path)
-            return path
-        uri = join(output_uri, IMAGE_DIR, IMAGEFOLDER_METADATA)
+    lines = ((json.dumps(record, ensure_ascii=False) + "\n").encode() for record in records)
+    first = next(lines, None)
+    if first is None:
+        if filesystem.get_file_info(path).type == fs.FileType.File:
+            filesystem.delete_file(path)
+        return None
+    lines = itertools.chain([first], lines)
+    if isinstance(filesystem, fs.LocalFileSystem):
+        _write_local_atomically(path, lines)
+        return path
+    uri = join(output_uri, IMAGE_DIR, IMAGEFOLDER_METADATA)
+    with tempfile.NamedTemporaryFile() as temp:
+        temp.writelines(lines)
+        temp.flush()
         put_file(uri, temp.name, "application/jsonl", endpoint_url)
-        return uri
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(temp.name)
+    return uri

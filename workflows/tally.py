@@ -49,19 +49,21 @@ def tally_metadata(output: str, endpoint_url: str | None, failed_shown: int) -> 
     for batch in scan_metadata(output, endpoint_url, COLUMNS):
         table = pa.Table.from_batches([batch])
         ok = pc.equal(table["status"], "ok")
-        _count_rows(tally, table.filter(ok), "images")
-        errors = table.filter(pc.invert(ok))
-        _count_rows(tally, errors, "failed")
-        _keep_failed(tally, errors, failed_shown)
+        _count_rows(tally, table)
+        _keep_failed(tally, table.filter(pc.invert(ok)), failed_shown)
         _add_kept(tally, table.filter(ok))
     return tally
 
 
-def _count_rows(tally: Tally, rows: pa.Table, kind: str) -> None:
-    counted = rows.group_by("run_id", use_threads=False).aggregate([("status", "count")])
-    for run_id, n in zip(counted["run_id"].to_pylist(), counted["status_count"].to_pylist(), strict=True):
-        setattr(tally.runs[run_id], kind, getattr(tally.runs[run_id], kind) + n)
-        setattr(tally.total, kind, getattr(tally.total, kind) + n)
+def _count_rows(tally: Tally, rows: pa.Table) -> None:
+    """Ok rows count as images, the others as failed, per (run, status) group."""
+    counted = rows.group_by(["run_id", "status"], use_threads=False).aggregate([([], "count_all")])
+    for run_id, status, n in zip(*(counted[c].to_pylist() for c in ("run_id", "status", "count_all")), strict=True):
+        for counts in (tally.runs[run_id], tally.total):
+            if status == "ok":
+                counts.images += n
+            else:
+                counts.failed += n
 
 
 def _keep_failed(tally: Tally, errors: pa.Table, failed_shown: int) -> None:
