@@ -75,14 +75,14 @@ def test_hash_sets_hold_what_was_added_across_chunks_and_merges(monkeypatch):
     from workflows import planner
 
     monkeypatch.setattr(planner, "MERGE_EVERY", 50)
-    rng = np.random.default_rng(0)
-    hashes, added = planner.HashSet(rng.integers(0, 1 << 40, 30, dtype=np.uint64)), set()
+    rng = np.random.default_rng(0)  # values from 0-299: repeats within and across additions
+    hashes, added = planner.HashSet(rng.integers(0, 300, 30, dtype=np.uint64)), set()
     added |= set(hashes.base.tolist())
     for size in [1, 1, 2, 7, 3, 40, 1, 5, 90, 2]:
-        values = rng.integers(0, 1 << 40, size, dtype=np.uint64)
+        values = rng.integers(0, 300, size, dtype=np.uint64)
         hashes.add(values)
         added |= set(values.tolist())
-        probe = np.concatenate([values, rng.integers(0, 1 << 40, 20, dtype=np.uint64)])
+        probe = np.concatenate([values, rng.integers(0, 300, 20, dtype=np.uint64)])
         assert hashes.contains(probe).tolist() == [int(v) in added for v in probe]
         assert len(hashes.chunks) <= 8  # merged pairwise as they grow
     assert hashes.array().tolist() == sorted(added)

@@ -59,23 +59,45 @@ HASH_COLUMNS = ["name_hash", "sample_hash", "exact_hash"]
 PLAN_COLUMNS = [*HASH_COLUMNS, "renamed"]  # the planner's inputs, not handed on
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """`values` as uint64, sorted, each once. Not np.unique: it hashes, 10.7 s for 11 M values here, where a
+    stable sort (a timsort: linear on a few sorted runs, as merging sorted arrays gives) and a neighbour compare
+    took 0.04 s."""
+    values = np.sort(values.astype(np.uint64, copy=False), kind="stable")
+    if len(values) < 2:
+        return values
+    first = np.empty(len(values), bool)
+    first[0] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    return values[first]
+
+
+def search_sorted(held: np.ndarray, values: np.ndarray, side: str = "left") -> np.ndarray:
+    """np.searchsorted(held, values, side), with the values looked up in sorted order: numpy then starts each search
+    where the last ended, 5x faster into a 10 M array than scattered lookups (cache misses)."""
+    order = np.argsort(values, kind="stable")
+    at = np.empty(len(values), np.intp)
+    at[order] = np.searchsorted(held, values[order], side)
+    return at
+
+
 class HashSet:
     """A set of 64-bit hashes at 8 bytes each: a sorted array, and the latest additions in sorted chunks (merged
     pairwise as they grow, so there are few) until there are MERGE_EVERY of them. Looked up and added to a batch
     at a time: a Python call per row cost more than the rest of planning."""
 
     def __init__(self, values: np.ndarray | None = None) -> None:
-        self.base = np.unique(values).astype(np.uint64) if values is not None else np.empty(0, np.uint64)
+        self.base = sorted_unique(values) if values is not None else np.empty(0, np.uint64)
         self.chunks: list[np.ndarray] = []
         self.pending = 0
 
     def contains(self, values: np.ndarray) -> np.ndarray:
         """Which of `values` the set holds."""
-        found = np.zeros(len(values), bool)
+        order = np.argsort(values, kind="stable")  # looked up in sorted order, as search_sorted does
+        needles, found = values[order], np.zeros(len(values), bool)
         for held in (self.base, *self.chunks):
             if len(held):
-                at = np.minimum(np.searchsorted(held, values), len(held) - 1)
-                found |= held[at] == values
+                found[order] |= held[np.minimum(np.searchsorted(held, needles), len(held) - 1)] == needles
         return found
 
     def add(self, values: np.ndarray) -> None:
@@ -85,12 +107,12 @@ class HashSet:
         self.pending += len(values)
         while len(self.chunks) > 1 and len(self.chunks[-1]) >= len(self.chunks[-2]):
             last = self.chunks.pop()
-            self.chunks[-1] = np.sort(np.concatenate([self.chunks[-1], last]))
+            self.chunks[-1] = np.sort(np.concatenate([self.chunks[-1], last]), kind="stable")
         if self.pending >= MERGE_EVERY:
             self.base, self.chunks, self.pending = self.array(), [], 0
 
     def array(self) -> np.ndarray:
-        return np.unique(np.concatenate([self.base, *self.chunks])) if self.chunks else self.base
+        return sorted_unique(np.concatenate([self.base, *self.chunks])) if self.chunks else self.base
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -143,7 +165,7 @@ class Planner:
         self.errors.add(names[~valid])
         name_known, sample_known = self.names.contains(names), self.names.contains(samples)
         candidates = np.concatenate([names[valid], samples[valid]])
-        if (name_known | sample_known)[valid].any() or len(np.unique(candidates)) < len(candidates):
+        if (name_known | sample_known)[valid].any() or len(sorted_unique(candidates)) < len(candidates):
             valid = self._mark_taken(rows, errors, valid, name_known, sample_known)
             rows = rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         self.names.add(np.concatenate([names[valid], samples[valid]]))
@@ -206,18 +228,19 @@ class Planner:
         self.buffer.append(rows)
         self.buffered += rows.num_rows
         pending = pa.concat_tables(self.buffer)
+        low, high = self.shards.locate(pending["name_hash"].to_numpy())
         out, start = [], 0
         while pending.num_rows - start >= self.shard_size or (final and start < pending.num_rows):
             shard = pending.slice(start, self.shard_size)
+            out += self._shard(shard, low[start:start + shard.num_rows], high[start:start + shard.num_rows])
             start += shard.num_rows
-            out += self._shard(shard)
         self.buffer, self.buffered = [pending.slice(start)], pending.num_rows - start
         return pa.concat_tables(out) if out else self._empty_shard(pending)
 
-    def _shard(self, rows: pa.Table) -> list[pa.Table]:
+    def _shard(self, rows: pa.Table, low: np.ndarray, high: np.ndarray) -> list[pa.Table]:
         index, self.cut = self.cut // self.shard_size, self.cut + rows.num_rows
         name = shard_name(index)
-        verdict = self.shards.verdict(index, rows, self.output)
+        verdict = self.shards.verdict(index, rows, self.output, low, high)
         rows = rows.drop_columns(["name_hash"])
         errors = rows.num_rows - rows["error"].null_count
         if verdict == "done":
@@ -248,7 +271,7 @@ class Planner:
             tail = self._cut_shards(self.buffer[-1].slice(0, 0), final=True)
         stale: list[int] = []
         if self.layout == "files" and self.whole_file:
-            asked = np.union1d(self.names.array(), self.errors.array())
+            asked = sorted_unique(np.concatenate([self.names.array(), self.errors.array()]))
             recorded = self.recorded.array()
             stale = recorded[~np.isin(recorded, asked) & ~np.isin(recorded, self.done.array())].tolist()
         return {"images": self.images, "skipped": self.skipped, "skipped_errors": self.skipped_errors,

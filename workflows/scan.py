@@ -24,7 +24,7 @@ from storage.metadata import METADATA_DIR
 from storage.shards import list_shards, shard_name, shard_of
 from storage.uris import join, resolve
 from workflows.config import ConfigError
-from workflows.planner import image_hashes
+from workflows.planner import image_hashes, search_sorted, sorted_unique
 from workflows.resume import QUARANTINE, layout_error, take_out, unrecord_shards
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _combine_files(paths: list[str], *scans: dict[str, Any]) -> tuple[np.ndarray
     ok = np.concatenate([scan["ok"] for scan in scans]) if scans else np.empty(0, bool)
     files = np.concatenate([np.full(len(scan["hashes"]), i) for i, scan in enumerate(scans)]) if scans else hashes
     rows = np.concatenate([np.arange(len(scan["hashes"])) for scan in scans]) if scans else hashes
-    done = np.unique(hashes[whole])
+    done = sorted_unique(hashes[whole])
     # ok and failed rows of done images, the kept one (its first whole ok row, by file then row) first; input
     # errors that share a done image's key (a later duplicate line) stay
     mine = np.flatnonzero(np.isin(hashes, done) & (ok | failed))
@@ -118,7 +118,7 @@ def _combine_files(paths: list[str], *scans: dict[str, Any]) -> tuple[np.ndarray
     surplus: dict[str, set[int]] = {}
     for i in order[~first]:
         surplus.setdefault(paths[int(files[i])], set()).add(int(rows[i]))
-    return done, np.unique(hashes), surplus
+    return done, sorted_unique(hashes), surplus
 
 
 @dataclass
@@ -151,12 +151,15 @@ class ShardScan:
     key_shards: np.ndarray  # the shard of each
     taken: set[int] = field(default_factory=set)
 
-    def verdict(self, index: int, rows: pa.Table, output: str) -> str:
+    def locate(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each image hash's recorded rows lie in `keys`: [low, high) (empty for an image not recorded). The
+        planner locates a batch's rows at once: a shard at a time cost 0.8 ms a shard in lookups."""
+        return search_sorted(self.keys, hashes, "left"), search_sorted(self.keys, hashes, "right")
+
+    def verdict(self, index: int, rows: pa.Table, output: str, low: np.ndarray, high: np.ndarray) -> str:
         """done (tar and exactly as many rows), redo-recorded (rows to take out first) or redo. A planned image
-        (`rows`: the shard's, with their `name_hash`) recorded only in other shards means the shards were cut
-        otherwise: ConfigError."""
-        hashes = rows["name_hash"].to_numpy()
-        low, high = np.searchsorted(self.keys, hashes, "left"), np.searchsorted(self.keys, hashes, "right")
+        (`rows`: the shard's; `low`, `high`: where locate found them) recorded only in other shards means the shards
+        were cut otherwise: ConfigError."""
         valid = rows["error"].is_null().to_numpy(zero_copy_only=False)
         one = (high - low == 1) & valid  # the usual case, at once; a key recorded more than once, row by row
         elsewhere = one & (self.key_shards[np.minimum(low, len(self.keys) - 1)] != index) if len(self.keys) else one
