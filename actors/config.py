@@ -56,6 +56,9 @@ class OutputConfig(StrictModel):
     report: bool = Field(True, description="write OUTPUT/report/index.html at the end of every run (the whole "
                          "output's rows, a resumed run's earlier ones too); python -m workflows.report makes it anew")
     report_gallery: int = Field(24, ge=0, description="images in the report's gallery, a sample spread over the run")
+    merge_every: int = Field(
+        4096, ge=2, description="metadata files of finished batches merged into one as the run goes, so that a run "
+        "leaves few files however it ends (1 B images in batches of 16: 15 thousand files, not 62.5 million)")
     lease_ttl_s: float = Field(
         60.0, gt=0, description="seconds a job's lease on its output lasts unless renewed (every third of it): a "
         "second job on the output is refused meanwhile, and a dead job's lease is taken over after it")

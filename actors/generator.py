@@ -32,7 +32,7 @@ from sparsevar.generate import ImageResult, Request, generate
 from storage.checkpoints import fingerprint, localize_checkpoints
 from storage.images import EXTENSIONS, ImageWriter, encode_image
 from storage.lease import check_held
-from storage.metadata import metadata_table, write_metadata_file
+from storage.metadata import batch_file_name, metadata_table, write_metadata_file
 from storage.shards import ShardWriter, member_uri, sample_key
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,7 @@ class Generator:
         """Record the batch's rows, the lease checked first. The file is named by the batch's images, so a batch
         that Ray retries (its actor died after writing, before returning) replaces its own file: no row twice."""
         check_held(self.output, self.cfg.storage.endpoint_url, self.run_id)
-        keys = "\n".join(f"{pid}\0{seed}" for pid, seed in zip(table["prompt_id"].to_pylist(),
-                                                              table["seed"].to_pylist(), strict=True))
-        digest = hashlib.sha256(keys.encode("utf-8")).hexdigest()[:16]
-        write_metadata_file(self.output, f"{self.commit}-{digest}.parquet", table, self.cfg.storage.endpoint_url)
+        write_metadata_file(self.output, batch_file_name(self.commit, table), table, self.cfg.storage.endpoint_url)
 
     def generate_rows(self, rows: list[dict[str, Any]], store: Store,
                       sv: SparseVARConfig | None = None) -> list[dict[str, Any]]:

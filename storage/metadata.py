@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,6 +92,14 @@ def metadata_table(rows: list[dict[str, Any]]) -> pa.Table:
         if row["status"] not in STATUSES:
             raise ValueError(f"metadata status must be one of {STATUSES}, got {row['status']!r}")
     return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
+def batch_file_name(commit: str, table: pa.Table) -> str:
+    """The metadata file of one batch's rows, `<commit>-<digest>.parquet`, named by its images (prompt_id, seed): a
+    batch Ray retries replaces its own file (no row twice), and the driver, given the rows back, knows the file."""
+    keys = "\n".join(f"{pid}\0{seed}" for pid, seed in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(),
+                                                           strict=True))
+    return f"{commit}-{hashlib.sha256(keys.encode('utf-8')).hexdigest()[:16]}.parquet"
 
 
 def write_metadata_file(output_uri: str, name: str, table: pa.Table, endpoint_url: str | None = None) -> str:

@@ -146,6 +146,23 @@ def test_batch_size_does_not_change_images(base_run, ray_cluster, fast_overrides
     assert image_files(one) == {name: base_files[name] for name in image_files(one)}
 
 
+def test_finished_batches_metadata_files_are_merged_as_the_run_goes(base_run, ray_cluster, fast_overrides,
+                                                                     tmp_path):
+    """8 batches of one, merged every 3 as they come back: two merged files and two of a batch; every row once,
+    the images those of the base run; a resume finds everything done."""
+    _, base = base_run
+    output = tmp_path / "merged"
+    overrides = [*fast_overrides, "ray.batch_size=1", "output.merge_every=3"]
+    assert run_job(SAMPLE, output, overrides) == EXIT_OK
+    files = sorted(path.name for path in (output / "metadata").iterdir())
+    assert len(files) == 4 and sum(name.startswith("compacted-") for name in files) == 2, files
+    assert sha_by_key(output) == sha_by_key(base)  # one row an image (rows_by_id checks)
+    assert image_files(output) == image_files(base)
+    assert run_job(SAMPLE, output, overrides) == EXIT_OK
+    assert sha_by_key(output) == sha_by_key(base)
+    assert json.loads((output / "run.json").read_text())["images"] == len(SAMPLE_ROWS)
+
+
 def test_tau_zero_is_bit_identical_to_dense(base_run, ray_cluster, fast_overrides, tmp_path):
     sparse_zero, dense = tmp_path / "tau0", tmp_path / "dense"
     assert run_job(SAMPLE, sparse_zero, [*fast_overrides, "sparsevar.tau=0"]) == EXIT_OK

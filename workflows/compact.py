@@ -1,8 +1,9 @@
 """Compaction: the metadata of an output held in few Parquet files, so that readers list and open few.
 
-The driver commits one file per batch as the work comes back (an interruption loses at most the batches in
-flight); at the end of a run, once more than MAX_FILES files are there, their rows are rewritten by Ray Data
-tasks into files of about ROWS_PER_FILE rows. The step is crash-safe: the new files are written under
+Each generation actor records its batch in a file of its own (an interruption loses at most the batch in flight).
+As the run goes, MetadataMerger merges every `output.merge_every` files of batches that have come back into one,
+in a Ray task; at the end of a run, once more than MAX_FILES files are there, their rows are rewritten by Ray Data
+tasks into files of about ROWS_PER_FILE rows. Both are crash-safe: the new files are written under
 `metadata/_compacting-<id>/` (hidden from readers) with a manifest naming the files they replace, written last;
 then the old files are deleted and the new ones moved in. A run that finds such a folder finishes its work
 (manifest there) or deletes it (no manifest: the old files still hold every row).
@@ -13,10 +14,13 @@ import logging
 import posixpath
 import uuid
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from pyarrow import fs
 
-from storage.metadata import METADATA_DIR, METADATA_SCHEMA, SCAN_BATCH_ROWS
+from storage.lease import check_held
+from storage.metadata import METADATA_DIR, METADATA_SCHEMA, SCAN_BATCH_ROWS, batch_file_name
 from storage.uris import join, resolve
 from workflows.scan import metadata_files
 
@@ -48,6 +52,57 @@ def compact_metadata(output: str, endpoint: str | None, max_files: int = MAX_FIL
     _finish(filesystem, folder)
     log.info("compacted %d metadata files", len(files))
     return len(files)
+
+
+class MetadataMerger:
+    """Merges the metadata files of batches that have come back to the driver, `every` at a time, in a Ray task,
+    while the run goes on. Only those: a batch that has come back is not run again, so its file is not rewritten
+    after the merge took it in (a batch in flight may be, when Ray retries it). `wait` before anything else reads
+    or rewrites the metadata (the run's end, a pipeline restart's scan)."""
+
+    def __init__(self, output: str, endpoint: str | None, run_id: str, every: int) -> None:
+        self.output, self.endpoint, self.run_id, self.every = output, endpoint, run_id, every
+        self.names: list[str] = []
+        self.merging: list[ray.ObjectRef] = []
+
+    def finished(self, commit: str, rows: pa.Table) -> None:
+        """A batch recorded by an actor under `commit` (actors.generator) came back with these rows."""
+        self.names.append(batch_file_name(commit, rows))
+        if len(self.names) >= self.every:
+            self.merging.append(_merge.remote(self.output, self.endpoint, self.run_id, self.names))
+            self.names = []
+
+    def wait(self) -> int:
+        """Wait for the merges under way; returns the files they replaced. A merge that fails (the lease lost, the
+        store unreachable) leaves its files as they were, or its manifest for the next run to finish."""
+        replaced = 0
+        for ref in self.merging:
+            try:
+                replaced += ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - every row is still in the files or the manifest's folder
+                log.warning("merging metadata files failed (%s); they stay as they are", exc)
+        self.merging = []
+        return replaced
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _merge(output: str, endpoint: str | None, run_id: str, names: list[str]) -> int:
+    """The named files of `metadata/` as one (crash-safe, see the module), if the run still holds the output."""
+    filesystem, root = resolve(output, endpoint)
+    metadata = join(root, METADATA_DIR)
+    paths = [info.path for info in filesystem.get_file_info([join(metadata, name) for name in names])
+             if info.type == fs.FileType.File]
+    if len(paths) < 2:
+        return 0
+    folder = join(metadata, f"_compacting-{uuid.uuid4().hex[:12]}")
+    filesystem.create_dir(folder)
+    rows = pa.concat_tables([pq.read_table(path, filesystem=filesystem).cast(METADATA_SCHEMA) for path in paths])
+    pq.write_table(rows, join(folder, "merged.parquet"), filesystem=filesystem, row_group_size=SCAN_BATCH_ROWS)
+    check_held(output, endpoint, run_id)  # a run that lost the output to another job changes nothing more there
+    with filesystem.open_output_stream(join(folder, MANIFEST)) as stream:
+        stream.write(json.dumps([posixpath.basename(path) for path in paths]).encode())
+    _finish(filesystem, folder)
+    return len(paths)
 
 
 def finish_compactions(output: str, endpoint: str | None) -> None:

@@ -18,11 +18,12 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.util.annotations import RayDeprecationWarning
@@ -37,7 +38,7 @@ from storage.metadata import read_metadata, scan_metadata
 from storage.shards import remove_temp_files
 from storage.uris import resolve
 from workflows.adaptive_report import AdaptiveReport, adaptive_report
-from workflows.compact import compact_metadata, finish_compactions
+from workflows.compact import MetadataMerger, compact_metadata, finish_compactions
 from workflows.config import ConfigError, load_config
 from workflows.errors import exception_chain
 from workflows.planner import planned_rows, start_planner
@@ -231,9 +232,11 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
         raise ConfigError(f"cannot write to output {output}: {exc} (check the URI, the endpoint and your "
                           "access)") from None
     prefix = f"{run_id}-{attempt}"
+    merger = MetadataMerger(output, endpoint, run_id, cfg.output.merge_every)
     try:
         try:
-            follow_batches(generate_dataset(cfg, job.rows, output, run_id, prefix, limit), lease, progress)
+            follow_batches(generate_dataset(cfg, job.rows, output, run_id, prefix, limit), lease, progress,
+                           lambda rows: merger.finished(prefix, rows))
             finished = ray.get(job.planner.finish.remote())
             tail = finished["tail"]
             if tail is not None and tail.num_rows:
@@ -244,6 +247,8 @@ def run_plan(cfg: JobConfig, prompts: str, output: str, job: Plan, first: Plan, 
             if message is None:
                 raise
             raise ConfigError(message) from None
+        finally:
+            merger.wait()  # before the metadata is counted, rewritten or scanned again
         if not finished["images"]:
             raise ConfigError(f"prompts file {prompts} holds no prompts: add one prompt per line (or row)")
     except BaseException as exc:  # the run's record says how it ended, not "running" for good
@@ -275,9 +280,11 @@ def first_counts(first: Plan, job: Plan) -> Counts:
     return Counts()
 
 
-def follow_batches(dataset: ray.data.Dataset, lease: OutputLease, progress: JobProgress) -> None:
+def follow_batches(dataset: ray.data.Dataset, lease: OutputLease, progress: JobProgress,
+                   recorded: Callable[[pa.Table], None] | None = None) -> None:
     """Run the pipeline to its end, showing each batch in the job's one display as it comes back (the actors have
-    recorded its rows already), and stop it once the lease is lost. Ray Data's own progress bars give way."""
+    recorded its rows already, and `recorded` is told of them), and stop it once the lease is lost. Ray Data's own
+    progress bars give way."""
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -285,6 +292,8 @@ def follow_batches(dataset: ray.data.Dataset, lease: OutputLease, progress: JobP
         for rows in batches:
             lease.check()
             progress.update(rows)
+            if recorded is not None:
+                recorded(rows)
     finally:
         batches.close()  # on an interrupt, stops the pipeline and its actors now, not when collected
         context.enable_progress_bars = bars
