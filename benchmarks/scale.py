@@ -7,10 +7,10 @@ Each run is the real command (`python -m workflows.generate`, files layout, one 
 its own, stopped once its first image lands; its peak RSS is the kernel's high-water mark (VmHWM) of that process,
 the driver (Ray's own processes are apart). Planning time is the time to first image less that of a one-prompt
 file (the fixed cost of starting Ray, the actor and one image). The half-done output is made up: metadata rows and
-empty image files (`image_bytes` 0) for the first half of the prompts, in Parquet files of at most 1 M rows; with
-`--layout webdataset` (shards of 1,000; an image has landed when a shard's tar, being written, holds one),
-metadata rows and empty tars of the first half's shards: millions of image files take longer to make than the
-runs they serve.
+empty image files (`image_bytes` 0) for the first half of the prompts, in Parquet files of at most 1 M rows in row
+groups of 65,536 (as compaction writes them); with `--layout webdataset` (shards of 1,000; an image has landed when
+a shard's tar, being written, holds one), metadata rows and empty tars of the first half's shards: millions of
+image files take longer to make than the runs they serve.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.images import image_key
-from storage.metadata import METADATA_SCHEMA
+from storage.metadata import METADATA_SCHEMA, SCAN_BATCH_ROWS
 from storage.shards import shard_name
 
 SHARD_SIZE = 1000
@@ -82,7 +82,8 @@ def half_done(output: Path, count: int, layout: str) -> None:
         table = pa.table(columns)
         table = pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(n, f.type)
                           for f in METADATA_SCHEMA}, schema=METADATA_SCHEMA)
-        pq.write_table(table, output / "metadata" / f"synthetic-{start // ROWS_PER_FILE:06d}.parquet")
+        pq.write_table(table, output / "metadata" / f"synthetic-{start // ROWS_PER_FILE:06d}.parquet",
+                       row_group_size=SCAN_BATCH_ROWS)  # as compaction writes them
 
 
 def landed(output: Path, layout: str, before: set[str]) -> bool:
