@@ -123,14 +123,20 @@ def test_without_ray_address_a_stale_cluster_record_is_not_joined(fast_overrides
 def test_a_second_job_on_a_busy_output_is_refused_and_the_first_records_every_image_once(
         ray_cluster, fast_overrides, prompts, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    first = start_job(ray_cluster, fast_overrides, prompts, out)
+    # a lease that outlives the pause below: the first job's driver is held still while the second starts, so that
+    # on a loaded machine the first cannot finish before the second reaches the lease
+    first = start_job(ray_cluster, fast_overrides, prompts, out, "--set", "output.lease_ttl_s=300")
     deadline = time.monotonic() + 120
     while not (out / "_lease.json").exists():
         assert time.monotonic() < deadline and first.poll() is None, "the first job took no lease"
         time.sleep(0.1)
     holder = json.loads((out / "_lease.json").read_text())
-    second = start_job(ray_cluster, fast_overrides, prompts, out)
-    log, _ = second.communicate(timeout=120)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = start_job(ray_cluster, fast_overrides, prompts, out)
+        log, _ = second.communicate(timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, log
     assert f"is being written by another job (run {holder['run_id']} on host {holder['host']}, pid" in log
     assert first.wait(timeout=300) == 0, first.stdout.read()

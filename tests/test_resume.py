@@ -71,6 +71,28 @@ def test_ids_that_would_share_an_image_name_become_error_rows(ray_cluster, tmp_p
     assert "as the earlier id 'v.1'" in errors[4]  # a shard sample key spelled literally
 
 
+def test_column_hashes_are_those_of_each_rows_stored_names():
+    """expand_and_hash works a column at a time; its hashes and `renamed` are those of the per-row names (safe_name,
+    sample_key), for ids that need cleaning, are empty, too long or not ASCII, and null seeds."""
+    from storage.shards import sample_key
+    from workflows.planner import _hash, image_hashes
+
+    rng = np.random.default_rng(1)
+    alphabet = list("abcXYZ019._-/ é\n\0")
+    ids = ["", ".", "..a", "a.b", "x" * 100, "x" * 101, "y" * 64, "y" * 65, "a/b", "a_b", "é", "plain"] + [
+        "".join(rng.choice(alphabet, rng.integers(0, 120))) for _ in range(300)]
+    seeds = [[None, 0, -5, 2**62, 7][i % 5] for i in range(len(ids))]
+    rows = pa.table({"prompt_id": ids, "seed": pa.array(seeds, pa.int64()), "error": pa.nulls(len(ids), pa.string())})
+    hashed = expand_and_hash(rows, 1)
+    pairs = list(zip(ids, seeds, strict=True))
+    assert hashed["name_hash"].to_pylist() == [_hash(f"{safe_name(p)}-s{s}") for p, s in pairs]
+    assert image_hashes(rows["prompt_id"], rows["seed"]).tolist() == hashed["name_hash"].to_pylist()
+    assert hashed["sample_hash"].to_pylist() == [_hash(f"shard sample {sample_key(p, s)}") for p, s in pairs]
+    assert hashed["exact_hash"].to_pylist() == [_hash(f"{p}\0{s}") for p, s in pairs]
+    renamed = [safe_name(p) != p or sample_key(p, s) != f"{p}-s{s}" for p, s in pairs]
+    assert hashed["renamed"].to_pylist() == renamed and 0 < sum(renamed) < len(ids)
+
+
 def test_hash_sets_hold_what_was_added_across_chunks_and_merges(monkeypatch):
     from workflows import planner
 

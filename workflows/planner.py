@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
-from storage.images import safe_name
-from storage.shards import sample_key, shard_name
+from storage.images import MAX_NAME_LENGTH, safe_name
+from storage.shards import MAX_KEY_ID, sample_key, shard_name
 from workflows.prompts import in_order_pool, on_driver_node, reader_tasks
 from workflows.resume import expand_images
 
@@ -34,25 +35,57 @@ def image_hash(prompt_id: str, seed: int) -> int:
     return _hash(f"{safe_name(prompt_id)}-s{seed}")
 
 
-def image_hashes(prompt_ids: list[str], seeds: list[int]) -> np.ndarray:
-    """`image_hash` of each (prompt_id, seed), as uint64."""
-    return np.array([image_hash(p, s) for p, s in zip(prompt_ids, seeds, strict=True)], np.uint64)
+def image_hashes(prompt_ids: pa.Array | pa.ChunkedArray, seeds: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """`image_hash` of each (prompt_id, seed), as uint64, a column at a time (see _stored_ids)."""
+    names, _ = _stored_ids(prompt_ids, _UNSAFE_NAME, MAX_NAME_LENGTH, safe_name)
+    return _hashes(pc.binary_join_element_wise(names, _seed_text(seeds), "-s"))
 
 
 def expand_and_hash(rows: pa.Table, images_per_prompt: int) -> pa.Table:
     """One row per image (workflows.resume.expand_images) with the hashes the planner compares: the file name's
-    (`name_hash`), the shard sample key's (`sample_hash`, apart by a prefix) and the exact (id, seed)'s."""
+    (`name_hash`), the shard sample key's (`sample_hash`, apart by a prefix) and the exact (id, seed)'s, and whether
+    the id is stored under another name (`renamed`: the planner names such ids in its messages)."""
     rows = expand_images(rows, images_per_prompt)
-    pids, seeds = rows["prompt_id"].to_pylist(), rows["seed"].to_pylist()
-    pairs = list(zip(pids, seeds, strict=True))
-    columns = {"name_hash": image_hashes(pids, seeds),
-               "sample_hash": [_hash(f"shard sample {sample_key(p, s)}") for p, s in pairs],
-               "exact_hash": [_hash(f"{p}\0{s}") for p, s in pairs]}
+    ids, seeds = rows["prompt_id"], _seed_text(rows["seed"])
+    names, renamed_file = _stored_ids(ids, _UNSAFE_NAME, MAX_NAME_LENGTH, safe_name)
+    keys, renamed_key = _stored_ids(ids, _UNSAFE_KEY, MAX_KEY_ID, lambda pid: sample_key(pid, 0).removesuffix("-s0"))
+    columns = {"name_hash": _hashes(pc.binary_join_element_wise(names, seeds, "-s")),
+               "sample_hash": _hashes(pc.binary_join_element_wise(
+                   pc.binary_join_element_wise("shard sample", keys, " "), seeds, "-s")),
+               "exact_hash": _hashes(pc.binary_join_element_wise(ids, seeds, "\0"))}
     for name, values in columns.items():
         rows = rows.append_column(name, pa.array(values, pa.uint64()))
-    # ids stored under another name: the planner names them in its messages (its one per-row check, done here)
-    renamed = [safe_name(p) != p or sample_key(p, s) != f"{p}-s{s}" for p, s in pairs]
-    return rows.append_column("renamed", pa.array(renamed, pa.bool_()))
+    return rows.append_column("renamed", pa.array(renamed_file | renamed_key, pa.bool_()))
+
+
+_UNSAFE_NAME = r"[^A-Za-z0-9._-]|^\."  # what storage.images.safe_name changes
+_UNSAFE_KEY = r"[^A-Za-z0-9_-]"  # what storage.shards.sample_key changes
+
+
+def _stored_ids(ids: pa.Array | pa.ChunkedArray, unsafe: str, limit: int, clean: Callable[[str], str]
+                ) -> tuple[pa.Array, np.ndarray]:
+    """(each id as `clean` stores it, which ones it changes): ids that match `unsafe` or whose length is outside
+    1..`limit` go through `clean`, one by one; the rest (the usual case) are kept, found by one regex over the
+    column. A Python call per row (two regexes, an f-string) cost 4x the hashes themselves."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    length = pc.utf8_length(ids)
+    changed = pc.or_(pc.match_substring_regex(ids, unsafe), pc.or_(pc.equal(length, 0), pc.greater(length, limit)))
+    changed = changed.to_numpy(zero_copy_only=False)
+    if not changed.any():
+        return ids, changed
+    values = ids.to_pylist()
+    for i in np.flatnonzero(changed).tolist():
+        values[i] = clean(values[i])
+    return pa.array(values, pa.string()), changed
+
+
+def _seed_text(seeds: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The seeds as f-strings write them ("None" for a null one)."""
+    return pc.fill_null(pc.cast(seeds, pa.string()), "None")
+
+
+def _hashes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.fromiter((_hash(text) for text in texts.to_pylist()), np.uint64, len(texts))
 
 
 HASH_COLUMNS = ["name_hash", "sample_hash", "exact_hash"]
@@ -79,6 +112,13 @@ def search_sorted(held: np.ndarray, values: np.ndarray, side: str = "left") -> n
     at = np.empty(len(values), np.intp)
     at[order] = np.searchsorted(held, values[order], side)
     return at
+
+
+def in_sorted(held: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which of `values` the sorted array `held` holds (np.isin sorts both, by np.unique's hashing)."""
+    if not len(held):
+        return np.zeros(len(values), bool)
+    return held[np.minimum(search_sorted(held, values), len(held) - 1)] == values
 
 
 class HashSet:
@@ -273,7 +313,7 @@ class Planner:
         if self.layout == "files" and self.whole_file:
             asked = sorted_unique(np.concatenate([self.names.array(), self.errors.array()]))
             recorded = self.recorded.array()
-            stale = recorded[~np.isin(recorded, asked) & ~np.isin(recorded, self.done.array())].tolist()
+            stale = recorded[~in_sorted(asked, recorded) & ~in_sorted(self.done.array(), recorded)].tolist()
         return {"images": self.images, "skipped": self.skipped, "skipped_errors": self.skipped_errors,
                 "todo": self.todo, "tail": tail, "take_out": np.array(self.retried + stale, np.uint64)}
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from pyarrow import fs
@@ -24,7 +25,7 @@ from storage.metadata import METADATA_DIR
 from storage.shards import list_shards, shard_name, shard_of
 from storage.uris import join, resolve
 from workflows.config import ConfigError
-from workflows.planner import image_hashes, search_sorted, sorted_unique
+from workflows.planner import image_hashes, in_sorted, search_sorted, sorted_unique
 from workflows.resume import QUARANTINE, layout_error, take_out, unrecord_shards
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _read(path: str, output: str, endpoint: str | None) -> pa.Table | None:
 
 
 def _hashes(table: pa.Table) -> np.ndarray:
-    return image_hashes(table["prompt_id"].to_pylist(), table["seed"].to_pylist())
+    return image_hashes(table["prompt_id"], table["seed"])
 
 
 @ray.remote(num_cpus=0)
@@ -80,9 +81,11 @@ def _scan_file(path: str, output: str, endpoint: str | None, verify: bool) -> di
     if table["shard"].null_count < table.num_rows:
         return {"layout": "webdataset"}
     filesystem, root = resolve(output, endpoint)
-    ok = [status == "ok" for status in table["status"].to_pylist()]
-    uris, sizes, shas = (table[c].to_pylist() for c in ("image_uri", "image_bytes", "image_sha256"))
-    paths = [join(root, IMAGE_DIR, posixpath.basename(uri)) for uri, good in zip(uris, ok, strict=True) if good]
+    ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
+    names = pc.replace_substring_regex(table.filter(ok)["image_uri"], r"^.*/", "")  # basenames, a column at once
+    paths = pc.binary_join_element_wise(join(root, IMAGE_DIR) + "/", names, "").to_pylist()
+    ok = ok.to_numpy(zero_copy_only=False).tolist()
+    sizes, shas = (table[c].to_pylist() for c in ("image_bytes", "image_sha256"))
     infos = iter(filesystem.get_file_info(paths))
     whole = []
     for good, size, sha in zip(ok, sizes, shas, strict=True):
@@ -111,7 +114,7 @@ def _combine_files(paths: list[str], *scans: dict[str, Any]) -> tuple[np.ndarray
     done = sorted_unique(hashes[whole])
     # ok and failed rows of done images, the kept one (its first whole ok row, by file then row) first; input
     # errors that share a done image's key (a later duplicate line) stay
-    mine = np.flatnonzero(np.isin(hashes, done) & (ok | failed))
+    mine = np.flatnonzero(in_sorted(done, hashes) & (ok | failed))
     order = mine[np.lexsort((rows[mine], files[mine], ~whole[mine], hashes[mine]))]
     first = np.ones(len(order), bool)
     first[1:] = hashes[order][1:] != hashes[order][:-1]
@@ -252,7 +255,7 @@ def scan_shards(output: str, endpoint: str | None, shard_size: int) -> Any:
 def _take_out_images(path: str, output: str, endpoint: str | None, hashes: np.ndarray, run_id: str) -> int:
     table = pq.read_table(path, filesystem=resolve(output, endpoint)[0], columns=["prompt_id", "seed", "run_id"])
     mine = np.array([r == run_id for r in table["run_id"].to_pylist()], bool)
-    drop = np.isin(_hashes(table), hashes) & ~mine
+    drop = in_sorted(sorted_unique(hashes), _hashes(table)) & ~mine
     if not drop.any():
         return 0
     rows = set(np.flatnonzero(drop).tolist())
