@@ -35,9 +35,13 @@ def objects(s3, prefix: str) -> dict[str, bytes]:
 
 def test_prompts_images_and_metadata_on_s3_and_resume(ray_cluster, fast_overrides, s3_endpoint, bucket, capsys):
     argv = ["--config", "configs/tiny-random.yaml", "--prompts", "s3://bucket/in/prompts.jsonl", "--output",
-            "s3://bucket/out/run1", *[a for o in [*fast_overrides, f"storage.endpoint_url={s3_endpoint}"]
+            "s3://bucket/out/run1", *[a for o in [*fast_overrides, f"storage.endpoint_url={s3_endpoint}",
+                                                  "ray.batch_size=1", "output.merge_every=2"]
                                       for a in ("--set", o)]]
     assert main(argv) == 0
+    # 5 batches merged 2 at a time as they came back (pyarrow may leave a folder marker, "metadata/", on S3)
+    metadata = sorted(key for key in objects(bucket, "out/run1/metadata/") if not key.endswith("/"))
+    assert len(metadata) == 3 and sum("/compacted-" in key for key in metadata) == 2, metadata
     images = objects(bucket, "out/run1/images/")
     index = [json.loads(line) for line in images.pop("out/run1/images/metadata.jsonl").decode().splitlines()]
     assert sorted(images) == [f"out/run1/images/p{i}-s{i}.png" for i in range(5)]

@@ -95,7 +95,8 @@ def _merge(output: str, endpoint: str | None, run_id: str, names: list[str]) -> 
     if len(paths) < 2:
         return 0
     folder = join(metadata, f"_compacting-{uuid.uuid4().hex[:12]}")
-    filesystem.create_dir(folder)
+    if isinstance(filesystem, fs.LocalFileSystem):  # object stores have no folders to make
+        filesystem.create_dir(folder)
     rows = pa.concat_tables([pq.read_table(path, filesystem=filesystem).cast(METADATA_SCHEMA) for path in paths])
     pq.write_table(rows, join(folder, "merged.parquet"), filesystem=filesystem, row_group_size=SCAN_BATCH_ROWS)
     check_held(output, endpoint, run_id)  # a run that lost the output to another job changes nothing more there
