@@ -47,9 +47,7 @@ def compact_metadata(output: str, endpoint: str | None, max_files: int = MAX_FIL
             folder, filesystem=filesystem, min_rows_per_file=rows_per_file, row_group_size=rows_per_group)
     finally:
         ctx.enable_progress_bars = bars
-    with filesystem.open_output_stream(join(folder, MANIFEST)) as stream:
-        stream.write(json.dumps([posixpath.basename(path) for path in files]).encode())
-    _finish(filesystem, folder)
+    _replace(filesystem, folder, files)
     log.info("compacted %d metadata files", len(files))
     return len(files)
 
@@ -72,38 +70,33 @@ class MetadataMerger:
             self.merging.append(_merge.remote(self.output, self.endpoint, self.run_id, self.names))
             self.names = []
 
-    def wait(self) -> int:
-        """Wait for the merges under way; returns the files they replaced. A merge that fails (the lease lost, the
-        store unreachable) leaves its files as they were, or its manifest for the next run to finish."""
-        replaced = 0
+    def wait(self) -> None:
+        """Wait for the merges under way. A merge that fails (the lease lost, the store unreachable) leaves its files
+        as they were, or its manifest for the next run to finish."""
         for ref in self.merging:
             try:
-                replaced += ray.get(ref)
+                ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - every row is still in the files or the manifest's folder
                 log.warning("merging metadata files failed (%s); they stay as they are", exc)
         self.merging = []
-        return replaced
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _merge(output: str, endpoint: str | None, run_id: str, names: list[str]) -> int:
+def _merge(output: str, endpoint: str | None, run_id: str, names: list[str]) -> None:
     """The named files of `metadata/` as one (crash-safe, see the module), if the run still holds the output."""
     filesystem, root = resolve(output, endpoint)
     metadata = join(root, METADATA_DIR)
     paths = [info.path for info in filesystem.get_file_info([join(metadata, name) for name in names])
              if info.type == fs.FileType.File]
     if len(paths) < 2:
-        return 0
+        return
     folder = join(metadata, f"_compacting-{uuid.uuid4().hex[:12]}")
     if isinstance(filesystem, fs.LocalFileSystem):  # object stores have no folders to make
         filesystem.create_dir(folder)
     rows = pa.concat_tables([pq.read_table(path, filesystem=filesystem).cast(METADATA_SCHEMA) for path in paths])
     pq.write_table(rows, join(folder, "merged.parquet"), filesystem=filesystem, row_group_size=SCAN_BATCH_ROWS)
     check_held(output, endpoint, run_id)  # a run that lost the output to another job changes nothing more there
-    with filesystem.open_output_stream(join(folder, MANIFEST)) as stream:
-        stream.write(json.dumps([posixpath.basename(path) for path in paths]).encode())
-    _finish(filesystem, folder)
-    return len(paths)
+    _replace(filesystem, folder, paths)
 
 
 def finish_compactions(output: str, endpoint: str | None) -> None:
@@ -115,6 +108,13 @@ def finish_compactions(output: str, endpoint: str | None) -> None:
                 _finish(filesystem, info.path)
             else:
                 filesystem.delete_dir(info.path)
+
+
+def _replace(filesystem: fs.FileSystem, folder: str, replaced: list[str]) -> None:
+    """Commit the new files written under `folder`: the manifest naming the files they replace, then _finish."""
+    with filesystem.open_output_stream(join(folder, MANIFEST)) as stream:
+        stream.write(json.dumps([posixpath.basename(path) for path in replaced]).encode())
+    _finish(filesystem, folder)
 
 
 def _finish(filesystem: fs.FileSystem, folder: str) -> None:

@@ -116,9 +116,17 @@ def search_sorted(held: np.ndarray, values: np.ndarray, side: str = "left") -> n
 
 def in_sorted(held: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Which of `values` the sorted array `held` holds (np.isin sorts both, by np.unique's hashing)."""
+    order = np.argsort(values, kind="stable")
+    found = np.empty(len(values), bool)
+    found[order] = _holds(held, values[order])
+    return found
+
+
+def _holds(held: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Which of the sorted `needles` the sorted array `held` holds: looked up in sorted order, as search_sorted."""
     if not len(held):
-        return np.zeros(len(values), bool)
-    return held[np.minimum(search_sorted(held, values), len(held) - 1)] == values
+        return np.zeros(len(needles), bool)
+    return held[np.minimum(np.searchsorted(held, needles), len(held) - 1)] == needles
 
 
 class HashSet:
@@ -133,11 +141,12 @@ class HashSet:
 
     def contains(self, values: np.ndarray) -> np.ndarray:
         """Which of `values` the set holds."""
-        order = np.argsort(values, kind="stable")  # looked up in sorted order, as search_sorted does
-        needles, found = values[order], np.zeros(len(values), bool)
+        order = np.argsort(values, kind="stable")  # sorted once for all the arrays it is looked up in
+        needles, held_any = values[order], np.zeros(len(values), bool)
         for held in (self.base, *self.chunks):
-            if len(held):
-                found[order] |= held[np.minimum(np.searchsorted(held, needles), len(held) - 1)] == needles
+            held_any |= _holds(held, needles)
+        found = np.empty(len(values), bool)
+        found[order] = held_any
         return found
 
     def add(self, values: np.ndarray) -> None:

@@ -253,9 +253,10 @@ def scan_shards(output: str, endpoint: str | None, shard_size: int) -> Any:
 
 @ray.remote(num_cpus=0)
 def _take_out_images(path: str, output: str, endpoint: str | None, hashes: np.ndarray, run_id: str) -> int:
+    """Take the rows of images in `hashes` (sorted, each once) that other runs wrote out of one file."""
     table = pq.read_table(path, filesystem=resolve(output, endpoint)[0], columns=["prompt_id", "seed", "run_id"])
     mine = np.array([r == run_id for r in table["run_id"].to_pylist()], bool)
-    drop = in_sorted(sorted_unique(hashes), _hashes(table)) & ~mine
+    drop = in_sorted(hashes, _hashes(table)) & ~mine
     if not drop.any():
         return 0
     rows = set(np.flatnonzero(drop).tolist())
@@ -266,6 +267,6 @@ def take_out_images(output: str, endpoint: str | None, hashes: np.ndarray, run_i
     """Take out the rows of the given images that earlier runs wrote (this run's own rows stay), a task a file."""
     if not len(hashes):
         return 0
-    ref = ray.put(hashes)
+    ref = ray.put(sorted_unique(hashes))  # sorted once here, looked up by every file's task
     return sum(ray.get([_take_out_images.remote(p, output, endpoint, ref, run_id)
                         for p in metadata_files(output, endpoint)]))
